@@ -1,0 +1,59 @@
+# flux-attention: one entry point for building and testing from a fresh clone.
+#   make test   create .venv, install dependencies, build, run pytest + ctest, check the CUDA build
+#   make build  (re)build flux_attention._C in place (incremental, ninja)
+#   make bench-cpu  CPU benchmark -> bench/results/cpu.json
+# Nothing needs to be installed beforehand except python3 (>= 3.10), a C++17 compiler, cmake and,
+# for the CUDA kernels, nvcc (CUDA 13). Catch2 comes from the OS (apt-get install catch2).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.deps-installed
+MAX_JOBS ?= $(shell nproc)
+TORCH_CMAKE = $(shell $(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
+PYTEST_SELECT ?= not cuda and not slow
+
+.PHONY: all venv sysdeps build test pytest ctest cuda-check bench-cpu clean
+
+all: build
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	@# Make the package importable from anywhere (torchrun, scripts) without a reinstall per build.
+	$(PY) -c 'import site, os; open(os.path.join(site.getsitepackages()[0], "flux_attention_dev.pth"), "w").write(os.getcwd() + "\n")'
+	@touch $@
+
+venv: $(STAMP)
+
+build: $(STAMP)
+	flock /tmp/flux-build.lock env MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace
+
+pytest: build
+	$(PY) -m pytest -q -m "$(PYTEST_SELECT)"
+
+# Catch2 (v2 from Debian, or v3) for the C++ tests; installed with apt-get when missing and root.
+sysdeps:
+	@if [ ! -e /usr/include/catch2/catch.hpp ] && [ ! -e /usr/include/catch2/catch_test_macros.hpp ] && [ ! -e /usr/local/include/catch2/catch_test_macros.hpp ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq catch2 >/dev/null; \
+	  else echo "Catch2 is missing: install it (Debian/Ubuntu: sudo apt-get install catch2)"; exit 1; fi; \
+	fi
+
+ctest: $(STAMP) sysdeps
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$(TORCH_CMAKE)" -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/cmake -j $(MAX_JOBS)
+	ctest --test-dir build/cmake --output-on-failure
+
+cuda-check: build
+	$(PY) scripts/cuda_compile_check.py
+
+test: pytest ctest cuda-check
+
+bench-cpu: build
+	$(PY) bench/cpu_attention.py
+
+clean:
+	rm -rf build flux_attention/_C*.so

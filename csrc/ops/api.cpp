@@ -1,0 +1,79 @@
+#include "api.h"
+
+#include "op_handles.h"
+
+namespace flux_attention {
+
+using at::Tensor;
+
+namespace {
+
+using OptSymInt = std::optional<c10::SymInt>;
+
+OptSymInt sym(const std::optional<int64_t>& v) { return v ? OptSymInt(c10::SymInt(*v)) : std::nullopt; }
+
+struct VarlenArgs {
+  std::optional<Tensor> cu_q, cu_k;
+  OptSymInt max_q, max_k;
+};
+
+VarlenArgs unpack(const std::optional<Varlen>& varlen) {
+  VarlenArgs a;
+  if (varlen) {
+    a.cu_q = varlen->cu_seqlens_q;
+    a.cu_k = varlen->cu_seqlens_k;
+    a.max_q = sym(varlen->max_seqlen_q);
+    a.max_k = sym(varlen->max_seqlen_k);
+  }
+  return a;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> full_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                          bool causal, std::optional<double> scale,
+                                          const std::optional<Varlen>& varlen) {
+  const VarlenArgs a = unpack(varlen);
+  return handles::full_attention().call(q, k, v, a.cu_q, a.cu_k, a.max_q, a.max_k, causal, scale);
+}
+
+std::tuple<Tensor, Tensor> sparse_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            Streaming pattern, std::optional<double> scale,
+                                            const std::optional<Varlen>& varlen) {
+  const VarlenArgs a = unpack(varlen);
+  return handles::sparse_attention().call(q, k, v, a.cu_q, a.cu_k, a.max_q, a.max_k, scale,
+                                          pattern.sink_tokens, pattern.local_blocks,
+                                          pattern.block_size);
+}
+
+std::tuple<Tensor, Tensor> flux_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                          const Tensor& use_sparse, Streaming pattern,
+                                          std::optional<double> scale,
+                                          const std::optional<Varlen>& varlen) {
+  const VarlenArgs a = unpack(varlen);
+  return handles::flux_attention().call(q, k, v, use_sparse, a.cu_q, a.cu_k, a.max_q, a.max_k,
+                                        scale, pattern.sink_tokens, pattern.local_blocks,
+                                        pattern.block_size);
+}
+
+std::tuple<Tensor, Tensor> decode_attention(const Tensor& q, const Tensor& k_cache,
+                                            const Tensor& v_cache, const Tensor& cache_seqlens,
+                                            const std::optional<Tensor>& block_table,
+                                            const std::optional<Tensor>& use_sparse,
+                                            Streaming pattern, std::optional<double> scale) {
+  return handles::decode_attention().call(q, k_cache, v_cache, cache_seqlens, block_table,
+                                          use_sparse, scale, pattern.sink_tokens,
+                                          pattern.local_blocks, pattern.block_size);
+}
+
+Tensor pool_queries(const Tensor& q, const std::optional<Tensor>& cu_seqlens, int64_t pool_size,
+                    const std::optional<Tensor>& attention_mask) {
+  return handles::pool_queries().call(q, cu_seqlens, pool_size, attention_mask);
+}
+
+Tensor gumbel_route(const Tensor& logits, double tau, bool hard,
+                    std::optional<at::Generator> generator) {
+  return handles::gumbel_route().call(logits, tau, hard, std::move(generator));
+}
+
+}  // namespace flux_attention

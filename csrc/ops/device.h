@@ -1,0 +1,46 @@
+// The one place where an op crosses from ATen to a kernel: CPU kernels are called directly; CUDA
+// launchers run on the current stream of the tensor's device and return cudaError_t, which becomes a
+// TORCH_CHECK naming the op. Builds without CUDA (FLUX_WITH_CUDA undefined) fail with a sentence.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "checks.h"
+
+#ifdef FLUX_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include "flux/launch.h"
+#endif
+
+#include "cpu/kernels.h"
+
+namespace flux_attention {
+
+[[noreturn]] inline void fail_no_kernel(const char* op, const at::Tensor& ref) {
+#ifdef FLUX_WITH_CUDA
+  const char* why = "";
+#else
+  const char* why = ref.device().is_cuda()
+                        ? " (this build has no CUDA kernels: reinstall with a CUDA toolkit and a CUDA "
+                          "build of torch, or FLUX_CUDA=1)"
+                        : "";
+#endif
+  FLUX_CHECK(false, op, "no kernel for device ", ref.device(), why);
+  TORCH_INTERNAL_ASSERT(false);  // unreachable; keeps [[noreturn]] honest
+}
+
+#ifdef FLUX_WITH_CUDA
+// Runs launch(stream) under a device guard for ref's device and checks its cudaError_t.
+template <typename Launch>
+void run_cuda(const char* op, const at::Tensor& ref, Launch&& launch) {
+  c10::cuda::CUDAGuard guard(ref.device());
+  const cudaError_t err = launch(c10::cuda::getCurrentCUDAStream().stream());
+  FLUX_CHECK(err == cudaSuccess, op, "CUDA kernel failed: ", cudaGetErrorName(err), ": ",
+             cudaGetErrorString(err));
+}
+#endif
+
+}  // namespace flux_attention

@@ -1,0 +1,239 @@
+"""Python entry points of the op library: one function per op, each a call to
+``torch.ops.flux_attention.<op>``. Checks, device dispatch and autograd all live in C++; these
+wrappers only give keyword arguments and documentation.
+
+Shapes follow FlashAttention. Padded: ``q [B, Sq, Hq, D]``, ``k, v [B, Sk, Hkv, D]``. Varlen: ``q
+[total_q, Hq, D]``, ``k, v [total_k, Hkv, D]`` with int32 ``cu_seqlens_q / cu_seqlens_k [B + 1]``
+(sequence b owns rows ``cu_seqlens[b] : cu_seqlens[b + 1]``). GQA/MQA: ``Hq % Hkv == 0`` and query
+head ``h`` reads kv head ``h // (Hq // Hkv)``; K/V are never expanded.
+
+Every attention op returns ``(out, lse)``: ``out`` like ``q``; ``lse`` fp32, the natural-log
+log-sum-exp of ``scale * q.k`` over the keys each row sees, ``[B, Hq, Sq]`` (padded) or ``[Hq,
+total_q]`` (varlen), so partial results merge exactly. Both are differentiable. A row that sees no
+key (causal with ``Sq > Sk``) gets ``out = 0`` and ``lse = -inf``.
+
+NaN/Inf: a non-finite value in a query row, or in a key/value that row attends to, makes that row's
+output non-finite; rows of other sequences are unaffected, and memory outside each sequence (padding,
+rows past ``cu_seqlens[-1]``, unused cache pages) is never read.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers torch.ops.flux_attention)
+
+_ops = torch.ops.flux_attention
+
+__all__ = [
+    "full_attention",
+    "sparse_attention",
+    "flux_attention",
+    "decode_attention",
+    "pool_queries",
+    "gumbel_route",
+]
+
+
+def full_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Dense attention: ``softmax(scale * q k^T) v`` per (sequence, head).
+
+    Args:
+        q: ``[B, Sq, Hq, D]`` or varlen ``[total_q, Hq, D]``; bf16, fp16, fp32 (fp64 on CPU).
+        k, v: ``[B, Sk, Hkv, D]`` or varlen ``[total_k, Hkv, D]``, same dtype and device as q.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` offsets for varlen input (both or neither).
+        max_seqlen_q, max_seqlen_k: the longest sequence (an upper bound); CUDA sizes its grid from
+            them. When omitted they are computed from ``cu_seqlens`` (a host sync on CUDA).
+        causal: causal mask, aligned to the bottom right when ``Sq != Sk`` (row i sees keys
+            ``j <= i + Sk - Sq``). For Sq = 2, Sk = 5::
+
+                1 1 1 1 0
+                1 1 1 1 1
+
+        scale: softmax scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``(out, lse)``: ``out`` like q; ``lse`` fp32 ``[B, Hq, Sq]`` or ``[Hq, total_q]``.
+
+    >>> q = torch.randn(1, 256, 8, 64); k = v = torch.randn(1, 256, 2, 64)
+    >>> out, lse = full_attention(q, k, v, causal=True)
+    >>> out.shape, lse.shape
+    (torch.Size([1, 256, 8, 64]), torch.Size([1, 8, 256]))
+    """
+    return _ops.full_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+    )
+
+
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    scale: Optional[float] = None,
+    sink_tokens: int = 128,
+    local_blocks: int = 16,
+    block_size: int = 128,
+) -> Tuple[Tensor, Tensor]:
+    """Streaming sparse attention (always causal): sink tokens plus a window of local blocks.
+
+    A query at key position ``t`` (block ``r = t // block_size``) sees key ``j <= t`` iff
+    ``j < sink_tokens`` or ``j // block_size >= r - (local_blocks - 1)``. Cost grows as
+    ``O(S * (sink_tokens + local_blocks * block_size))``. Toy case, block_size 2, one sink block,
+    local_blocks 2, 8 tokens (rows = queries, columns = keys)::
+
+        1 . . . . . . .
+        1 1 . . . . . .
+        1 1 1 . . . . .
+        1 1 1 1 . . . .
+        1 1 1 1 1 . . .
+        1 1 1 1 1 1 . .
+        1 1 . . 1 1 1 .
+        1 1 . . 1 1 1 1
+
+    Args: as :func:`full_attention`, plus
+        sink_tokens: leading tokens every query sees; a positive multiple of ``block_size``.
+        local_blocks: blocks of the window, the query's own block included (positive).
+        block_size: the block granularity (positive).
+
+    Returns:
+        ``(out, lse)`` as :func:`full_attention`.
+    """
+    return _ops.sparse_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+        sink_tokens, local_blocks, block_size,
+    )
+
+
+def flux_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    use_sparse: Tensor,
+    *,
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    scale: Optional[float] = None,
+    sink_tokens: int = 128,
+    local_blocks: int = 16,
+    block_size: int = 128,
+) -> Tuple[Tensor, Tensor]:
+    """Mixed routing in one call: sequence ``b`` takes :func:`sparse_attention` when
+    ``use_sparse[b]`` and causal :func:`full_attention` otherwise.
+
+    Args: as :func:`sparse_attention`, plus
+        use_sparse: bool ``[B]`` on q's device; read on the device (no host sync).
+
+    Returns:
+        ``(out, lse)`` as :func:`full_attention`; each sequence's rows equal running it alone.
+    """
+    return _ops.flux_attention(
+        q, k, v, use_sparse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+        sink_tokens, local_blocks, block_size,
+    )
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    *,
+    block_table: Optional[Tensor] = None,
+    use_sparse: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    sink_tokens: int = 128,
+    local_blocks: int = 16,
+    block_size: int = 128,
+) -> Tuple[Tensor, Tensor]:
+    """One new query token per sequence against a KV cache that already holds its key/value.
+
+    Args:
+        q: ``[B, Hq, D]``.
+        k_cache, v_cache: contiguous ``[B, capacity, Hkv, D]``, or paged ``[num_pages, page_size,
+            Hkv, D]`` with ``block_table``.
+        cache_seqlens: int32 ``[B]``, tokens in each sequence's cache including the new one; the
+            query sits at position ``cache_seqlens[b] - 1``.
+        block_table: int32 ``[B, max_pages]``: logical page i of sequence b is physical page
+            ``block_table[b, i]``.
+        use_sparse: optional bool ``[B]``: sequences flagged read only their sink and local window
+            (the :func:`sparse_attention` rule at the query's position), so evicted pages are never
+            touched.
+        scale, sink_tokens, local_blocks, block_size: as :func:`sparse_attention`.
+
+    Returns:
+        ``(out [B, Hq, D], lse [B, Hq] fp32)``. Not differentiable.
+    """
+    return _ops.decode_attention(
+        q, k_cache, v_cache, cache_seqlens, block_table, use_sparse, scale,
+        sink_tokens, local_blocks, block_size,
+    )
+
+
+def pool_queries(
+    q: Tensor,
+    cu_seqlens: Optional[Tensor] = None,
+    pool_size: int = 150,
+    *,
+    attention_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """The Layer Router's input: per sequence, the mean of its first and last ``m = min(pool_size,
+    n)`` query rows (a row in both counts twice), then the mean over heads.
+
+    Args:
+        q: pre-RoPE queries, varlen ``[total, H, D]`` with ``cu_seqlens``, or padded ``[B, S, H, D]``.
+        cu_seqlens: int32 ``[B + 1]`` for varlen input.
+        pool_size: P, the number of leading and trailing tokens pooled.
+        attention_mask: padded input only, ``[B, S]`` (1 = token): valid tokens must form one
+            contiguous run (left or right padding), so padding never changes the result.
+
+    Returns:
+        ``[B, D]`` in q's dtype (fp32 accumulation); zeros for an empty sequence. Differentiable.
+    """
+    return _ops.pool_queries(q, cu_seqlens, pool_size, attention_mask)
+
+
+def gumbel_route(
+    logits: Tensor,
+    tau: float = 1.0,
+    hard: bool = True,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Straight-through Gumbel-softmax gate of the Layer Router (training).
+
+    ``u ~ U[0, 1)`` per logit (one ``torch.rand(logits.shape, generator=generator)`` draw),
+    ``g = -log(-log(u + 1e-10) + 1e-10)``, ``y = softmax((logits + g) / tau)``. The forward value is
+    ``1.0`` if ``y[:, 1] > y[:, 0]`` else ``0.0`` (``hard``; ties go to sparse), or ``y[:, 1]``
+    (soft); the backward is always the gradient of ``y[:, 1]``.
+
+    Args:
+        logits: ``[B, 2]``, index 1 = full attention, index 0 = sparse attention.
+        tau: temperature (> 0).
+        hard: straight-through hard gate (default) or the soft probability.
+        generator: optional ``torch.Generator`` for reproducible draws.
+
+    Returns:
+        ``z [B]`` in logits' dtype.
+    """
+    return _ops.gumbel_route(logits, tau, hard, generator)

@@ -2,10 +2,11 @@
 # (torch_cpu + c10, torch's include dirs, its ABI flag and the C++ standard its headers need).
 #
 # Torch_DIR comes from CMAKE_PREFIX_PATH (the Makefile passes torch.utils.cmake_prefix_path of the
-# project venv). When that is missing we ask FLUX_PYTHON (default: <repo>/.venv/bin/python) ourselves,
-# so a bare `cmake -S . -B build/cmake` works in a bootstrapped checkout.
+# project venv). When that is missing we ask a Python ourselves (FLUX_PYTHON, else
+# Python3_EXECUTABLE, else <repo>/.venv/bin/python), so a bare `cmake -S . -B build/cmake` works in a
+# bootstrapped checkout.
 
-set(FLUX_PYTHON "" CACHE FILEPATH "Python whose torch provides LibTorch (default: .venv/bin/python)")
+set(FLUX_PYTHON "" CACHE FILEPATH "Python whose torch provides LibTorch when CMAKE_PREFIX_PATH does not")
 
 # A CUDA build of torch (every PyPI Linux wheel) includes Caffe2's public/cuda.cmake from its
 # config, which runs find_package(CUDA), enable_language(CUDA) and looks for cuDNN, cuSPARSELt and
@@ -19,10 +20,14 @@ if(NOT TARGET torch::cudart)
   add_library(torch::cudart INTERFACE IMPORTED)
 endif()
 
+# PyPI wheels link kineto into libtorch_cpu, so TorchConfig's "library kineto not found" warning
+# is harmless here.
 find_package(Torch CONFIG QUIET)
 
 if(NOT Torch_FOUND)
-  if(NOT FLUX_PYTHON AND EXISTS "${PROJECT_SOURCE_DIR}/.venv/bin/python")
+  if(NOT FLUX_PYTHON AND Python3_EXECUTABLE)
+    set(FLUX_PYTHON "${Python3_EXECUTABLE}")
+  elseif(NOT FLUX_PYTHON AND EXISTS "${PROJECT_SOURCE_DIR}/.venv/bin/python")
     set(FLUX_PYTHON "${PROJECT_SOURCE_DIR}/.venv/bin/python")
   endif()
   if(FLUX_PYTHON)
@@ -53,8 +58,8 @@ foreach(_t torch_cpu c10)
   endif()
 endforeach()
 
-# Recent torch releases declare the standard their headers need on the `torch` target (C++20 since
-# torch 2.10: ATen.h has an #error below it); older ones need C++17.
+# Use the standard torch's config declares on its `torch` target, at least C++17: torch 2.14 says 20
+# (its ATen.h has an #error below C++20); torch 2.11 (the H200 image) declares none and builds as 17.
 set(FLUX_TORCH_CXX_STANDARD 17)
 get_target_property(_flux_torch_std torch CXX_STANDARD)
 if(_flux_torch_std AND _flux_torch_std GREATER FLUX_TORCH_CXX_STANDARD)

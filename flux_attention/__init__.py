@@ -13,6 +13,17 @@ from .ops import (
     pool_queries,
     sparse_attention,
 )
+from .router import LayerRouter, RouterConfig
+from .cache import FluxCache
+from .hf import (
+    attach_router,
+    collect_sparsity,
+    detach_router,
+    register,
+    routing_report,
+    set_router_temperature,
+)
+from .checkpoint import load_router, save_router
 
 __version__ = "0.1.0"
 
@@ -30,4 +41,15 @@ __all__ = [
     "gumbel_route",
     "pool_queries",
     "sparse_attention",
+    "LayerRouter",
+    "RouterConfig",
+    "FluxCache",
+    "attach_router",
+    "collect_sparsity",
+    "detach_router",
+    "register",
+    "routing_report",
+    "set_router_temperature",
+    "load_router",
+    "save_router",
 ]

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <tuple>
 #include <type_traits>
@@ -70,8 +71,18 @@
 #endif
 
 FLUX_CPU_VEC_BEGIN
+// sleef.h declares its AVX2 entry points (used by at::vec's AVX2 types) only under __AVX__, a macro
+// GCC's target pragma does not define in C++.
+#if FLUX_CPU_TARGET_AVX2 && !defined(__AVX__)
+#define __AVX__ 1
+#define FLUX_CPU_DEFINED_AVX_MACRO 1
+#endif
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#if defined(FLUX_CPU_DEFINED_AVX_MACRO)
+#undef __AVX__
+#undef FLUX_CPU_DEFINED_AVX_MACRO
+#endif
 FLUX_CPU_VEC_END
 
 namespace flux::cpu::detail {
@@ -185,15 +196,18 @@ inline T* row_ptr(Void* base, int64_t batch_stride, int64_t row_stride, int64_t 
 // tiles
 
 // Calls f(j0, j1, kind) for the key tiles rows [i0, i1) must visit: only inside key_ranges_for_rows
-// (so a streaming row tile costs O(window), not O(Lk)), skipping kSkip tiles.
+// (so a streaming row tile costs O(window), not O(Lk)), skipping kSkip tiles. Tiles never cross a
+// multiple of `tile`, so each lies inside one staged panel (KeyPanels); a range starting mid-panel
+// (the streaming window) begins with a shorter tile.
 template <typename F>
 inline void for_each_key_tile(const RowRule& r, int64_t i0, int64_t i1, int64_t tile, F&& f) {
   const KeyRanges kr = key_ranges_for_rows(r, i0, i1);
   auto run = [&](int64_t lo, int64_t hi) {
-    for (int64_t j0 = lo; j0 < hi; j0 += tile) {
-      const int64_t j1 = std::min(hi, j0 + tile);
+    for (int64_t j0 = lo; j0 < hi;) {
+      const int64_t j1 = std::min(hi, (j0 / tile + 1) * tile);
       const TileKind kind = classify_tile(r, i0, i1, j0, j1);
       if (kind != TileKind::kSkip) f(j0, j1, kind);
+      j0 = j1;
     }
   };
   run(0, kr.a_end);
@@ -293,20 +307,61 @@ void run_items(int64_t n, MakeScratch&& make_scratch, Body&& body) {
   });
 }
 
-// 64-byte aligned scratch (one cache line, one AVX-512 vector) owned by one thread.
+// 64-byte aligned (one cache line, one AVX-512 vector), uninitialised.
 template <typename A>
 class Buffer {
  public:
   explicit Buffer(int64_t n)
       : data_(static_cast<A*>(::operator new[](sizeof(A) * std::max<int64_t>(n, 1),
                                                  std::align_val_t(64)))) {}
-  ~Buffer() { ::operator delete[](data_, std::align_val_t(64)); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  A* get() const { return data_; }
+  A* get() const { return data_.get(); }
 
  private:
-  A* data_;
+  struct Free {
+    void operator()(A* ptr) const { ::operator delete[](ptr, std::align_val_t(64)); }
+  };
+  std::unique_ptr<A, Free> data_;
+};
+
+enum class PanelLayout { kTransposed, kRows };
+
+// Key-side operands staged once per call, one panel per (aligned key tile, kv head): transposed
+// panels [d x tile] (K^T, V^T: the B operands of S = Q K^T and dP = dO V^T, leading dimension tile)
+// or widened fp16/bf16 rows [tile x d]. Building them per (query tile, key tile) pair instead cost
+// ~12 % of the forward (strided transposes repeated Lq / kBlockQ times), and a GQA group now shares
+// one copy. Memory: one fp32/fp64 copy of K (or V) per staged operand.
+template <typename A>
+class KeyPanels {
+ public:
+  KeyPanels(const std::vector<Sequence>& seqs, PanelLayout layout, int64_t heads, int64_t d,
+            int64_t tile)
+      : layout_(layout), heads_(heads), d_(d), tile_(tile), first_(first_tiles(seqs, tile)),
+        data_(heads * first_.back() * d * tile) {}
+
+  // Key j0 of sequence `seq`, kv head h: its column of a transposed panel or its row of a row panel.
+  A* at(int64_t seq, int64_t j0, int64_t h) const {
+    A* panel = data_.get() + (h * first_.back() + first_[seq] + j0 / tile_) * d_ * tile_;
+    return panel + (layout_ == PanelLayout::kTransposed ? j0 % tile_ : (j0 % tile_) * d_);
+  }
+  // Leading dimension of the panels as a GEMM operand.
+  int64_t ld() const { return layout_ == PanelLayout::kTransposed ? tile_ : d_; }
+  PanelLayout layout() const { return layout_; }
+  int64_t heads() const { return heads_; }
+  int64_t tile() const { return tile_; }
+
+ private:
+  static std::vector<int64_t> first_tiles(const std::vector<Sequence>& seqs, int64_t tile) {
+    std::vector<int64_t> first(seqs.size() + 1, 0);
+    for (size_t s = 0; s < seqs.size(); ++s) first[s + 1] = first[s] + (seqs[s].len_k + tile - 1) / tile;
+    return first;
+  }
+
+  PanelLayout layout_;
+  int64_t heads_;
+  int64_t d_;
+  int64_t tile_;
+  std::vector<int64_t> first_;
+  Buffer<A> data_;
 };
 
 }  // namespace flux::cpu::detail
@@ -318,8 +373,9 @@ using at::vec::Vectorized;
 
 template <typename A>
 inline Vectorized<A> vexp(const Vectorized<A>& x);
-// ATen's polynomial exp (the one its CPU flash attention uses): ~2x faster than Sleef's expf, relative
-// error ~1e-6, exactly 0 below ln(FLT_MIN) so masked -inf scores vanish.
+// ATen's inline polynomial exp (the one its CPU flash attention uses) rather than a Sleef call: its
+// ~1e-6 relative error left the outputs' error unchanged against fp64 (fp32 rounding of the GEMMs
+// dominates), and it is exactly 0 below ln(FLT_MIN), so masked -inf scores vanish.
 template <>
 inline Vectorized<float> vexp(const Vectorized<float>& x) {
   return x.exp_u20();
@@ -544,6 +600,36 @@ inline void load_tile_transposed(const T* src, int64_t ld, int64_t rows, int64_t
     load_tile(src, ld, rows, d, A(1), stage);
     transpose(stage, d, rows, d, dst, ld_dst);
   }
+}
+
+// Fills every panel of `panels` from a key-side operand (k or v: base pointer and strides).
+template <typename T, typename A>
+void stage_panels(KeyPanels<A>& panels, const std::vector<Sequence>& seqs,
+                  const void* src, int64_t batch_stride, int64_t row_stride, int64_t head_stride,
+                  int64_t d) {
+  const int64_t tile = panels.tile();
+  const int64_t heads = panels.heads();
+  std::vector<SeqTile> tiles;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    for (int64_t j0 = 0; j0 < seqs[s].len_k; j0 += tile) {
+      tiles.push_back({int32_t(s), j0, std::min(seqs[s].len_k, j0 + tile), 0});
+    }
+  }
+  run_items(
+      int64_t(tiles.size()) * heads, [&] { return Buffer<A>(tile * d); },
+      [&](Buffer<A>& stage, int64_t item) {
+        const SeqTile& t = tiles[item / heads];
+        const int64_t h = item % heads;
+        const Sequence& seq = seqs[t.seq];
+        const T* rows =
+            row_ptr<const T>(src, batch_stride, row_stride, head_stride, seq.b, seq.k_row0 + t.lo, h);
+        A* dst = panels.at(t.seq, t.lo, h);
+        if (panels.layout() == PanelLayout::kTransposed) {
+          load_tile_transposed(rows, row_stride, t.hi - t.lo, d, stage.get(), dst, tile);
+        } else {
+          load_tile(rows, row_stride, t.hi - t.lo, d, A(1), dst);
+        }
+      });
 }
 
 }  // namespace flux::cpu::detail

@@ -14,10 +14,16 @@ using namespace detail;
 
 // Query rows per work item: each K^T panel built for a key tile is reused by this many rows, which
 // keeps the transpose under ~5 % of the GEMM time; 4096 x 8 heads still gives 256 items to balance.
-constexpr int64_t kBlockQ = 128;
+#ifndef EXP_BQ
+#define EXP_BQ 128
+#endif
+constexpr int64_t kBlockQ = EXP_BQ;
 // Keys per step: the [kBlockQ x kBlockK] score tile, K^T panel and V tile (D = 128) stay within a
 // 1 MiB L2; 256 measured ~8 % faster than 128 and level with 512 (S = 4096, D = 128, fp32, 2 threads).
-constexpr int64_t kBlockK = 256;
+#ifndef EXP_BK
+#define EXP_BK 256
+#endif
+constexpr int64_t kBlockK = EXP_BK;
 
 FLUX_CPU_VEC_BEGIN
 
@@ -34,18 +40,27 @@ void attention_fwd_kernel(const AttnFwdParams& p) {
   const std::vector<Sequence> seqs = resolve_sequences(p, "flux::cpu::attention_fwd");
   const std::vector<SeqTile> tiles = plan_query_tiles(seqs, kBlockQ);
 
+  KeyPanels<A> k_panels(seqs, PanelLayout::kTransposed, p.num_heads_k, d, kBlockK);
+  stage_panels<T>(k_panels, seqs, p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, d);
+  // fp32/fp64 V is read in place; fp16/bf16 V is widened once.
+  KeyPanels<A> v_panels(kNarrow ? seqs : std::vector<Sequence>{}, PanelLayout::kRows,
+                        p.num_heads_k, d, kBlockK);
+  if constexpr (kNarrow) {
+    stage_panels<T>(v_panels, seqs, p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, d);
+  }
+
   struct Scratch {
-    Buffer<A> q{kBlockQ * d};         // scale * Q rows
-    Buffer<A> kt{d * kBlockK};        // K^T panel
-    Buffer<A> stage{kBlockK * d};     // widened K or V rows (fp16/bf16)
-    Buffer<A> s{kBlockQ * kBlockK};   // scores, then probabilities
-    Buffer<A> o{kBlockQ * d};         // unnormalised output
-    Buffer<A> row_max{kBlockQ};
-    Buffer<A> row_sum{kBlockQ};
+    explicit Scratch(int64_t d)
+        : q(kBlockQ * d), s(kBlockQ * kBlockK), o(kBlockQ * d), row_max(kBlockQ), row_sum(kBlockQ) {}
+    Buffer<A> q;  // scale * Q rows
+    Buffer<A> s;  // scores, then probabilities
+    Buffer<A> o;  // unnormalised output
+    Buffer<A> row_max;
+    Buffer<A> row_sum;
   };
 
   run_items(
-      int64_t(tiles.size()) * hq, [] { return Scratch{}; },
+      int64_t(tiles.size()) * hq, [d] { return Scratch(d); },
       [&](Scratch& w, int64_t item) {
         const SeqTile& tile = tiles[item / hq];
         const int64_t h = item % hq;
@@ -59,18 +74,14 @@ void attention_fwd_kernel(const AttnFwdParams& p) {
         std::fill(w.o.get(), w.o.get() + m * d, A(0));
         std::fill(w.row_max.get(), w.row_max.get() + m, ninf);
         std::fill(w.row_sum.get(), w.row_sum.get() + m, A(0));
-
-        const T* k = row_ptr<const T>(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, seq.b,
-                                      seq.k_row0, kvh);
         const T* v = row_ptr<const T>(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, seq.b,
                                       seq.k_row0, kvh);
 
         for_each_key_tile(seq.rule, i0, i1, kBlockK, [&](int64_t j0, int64_t j1, TileKind kind) {
           const int64_t n = j1 - j0;
-          load_tile_transposed(k + j0 * p.k_row_stride, p.k_row_stride, n, d, w.stage.get(),
-                               w.kt.get(), kBlockK);
           A* s = w.s.get();
-          tile_gemm(m, n, d, w.q.get(), d, w.kt.get(), kBlockK, s, kBlockK, /*accumulate=*/false);
+          tile_gemm(m, n, d, w.q.get(), d, k_panels.at(tile.seq, j0, kvh), k_panels.ld(), s, kBlockK,
+                    /*accumulate=*/false);
 
           for (int64_t r = 0; r < m; ++r) {
             A* sr = s + r * kBlockK;
@@ -93,17 +104,12 @@ void attention_fwd_kernel(const AttnFwdParams& p) {
             w.row_sum.get()[r] += sum;
           }
 
-          const A* vt = nullptr;
-          int64_t ldv = 0;
           if constexpr (kNarrow) {
-            load_tile(v + j0 * p.v_row_stride, p.v_row_stride, n, d, A(1), w.stage.get());
-            vt = w.stage.get();
-            ldv = d;
+            tile_gemm(m, d, n, s, kBlockK, v_panels.at(tile.seq, j0, kvh), v_panels.ld(), w.o.get(), d,
+                      true);
           } else {
-            vt = v + j0 * p.v_row_stride;
-            ldv = p.v_row_stride;
+            tile_gemm(m, d, n, s, kBlockK, v + j0 * p.v_row_stride, p.v_row_stride, w.o.get(), d, true);
           }
-          tile_gemm(m, d, n, s, kBlockK, vt, ldv, w.o.get(), d, /*accumulate=*/true);
         });
 
         T* out = row_ptr<T>(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride, seq.b,

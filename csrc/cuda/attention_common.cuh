@@ -154,12 +154,12 @@ struct KeyTileWalk {
   int64_t sink_n;   // tiles 0 .. sink_n - 1 cover the sink interval
   int64_t local_0;  // then tiles local_0, local_0 + 1, ...
 
-  __device__ __forceinline__ int64_t tile(int64_t it) const {
+  __host__ __device__ __forceinline__ int64_t tile(int64_t it) const {
     return it < sink_n ? it : local_0 + (it - sink_n);
   }
 };
 
-__device__ __forceinline__ KeyTileWalk key_tile_walk(const RowRule& r, int64_t i0, int64_t i1,
+__host__ __device__ __forceinline__ KeyTileWalk key_tile_walk(const RowRule& r, int64_t i0, int64_t i1,
                                                      int block_n) {
   const KeyRanges kr = key_ranges_for_rows(r, i0, i1);
   KeyTileWalk w;
@@ -179,16 +179,16 @@ struct RowTileMask {
   int sink_end;     // keys c < sink_end are visible (sink part)
   int local_start;  // keys c >= local_start are visible (local part)
 
-  __device__ __forceinline__ bool visible(int c) const {
+  __host__ __device__ __forceinline__ bool visible(int c) const {
     return c < key_end && (c < sink_end || c >= local_start);
   }
 };
 
-__device__ __forceinline__ int clamp_rel(int64_t x, int64_t j0, int span) {
+__host__ __device__ __forceinline__ int clamp_rel(int64_t x, int64_t j0, int span) {
   return static_cast<int>(imin(imax(x - j0, int64_t(-1)), int64_t(span) + 1));
 }
 
-__device__ __forceinline__ RowTileMask row_tile_mask(const RowRule& r, int64_t row, int64_t j0,
+__host__ __device__ __forceinline__ RowTileMask row_tile_mask(const RowRule& r, int64_t row, int64_t j0,
                                                      int span) {
   RowTileMask m;
   m.key_end = clamp_rel(row_key_end(r, row), j0, span);

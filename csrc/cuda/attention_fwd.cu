@@ -208,6 +208,7 @@ cudaError_t run_attention_fwd(AttnFwdParams& params, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   if (params.batch == 0 || params.seqlen_q == 0) return cudaSuccess;  // no row to write
+  // grid.x counts query tiles; every FwdTraits instance has the same kBlockM.
   if (ceil_div<int64_t>(params.seqlen_q, FwdTraits<float, 32>::kBlockM) > int64_t(0x7fffffff)) {
     return cudaErrorInvalidValue;
   }

@@ -12,9 +12,9 @@
 
 // Launchers return cudaError_t instead of exiting (STYLE.md section 7): the op layer turns it into
 // a TORCH_CHECK naming the op, so a bad launch raises in Python instead of killing the process.
-#define FLUX_CUDA_CHECK(expr)                   \
-  do {                                          \
-    const cudaError_t flux_err_ = (expr);       \
+#define FLUX_CUDA_CHECK(expr)                     \
+  do {                                            \
+    const cudaError_t flux_err_ = (expr);         \
     if (flux_err_ != cudaSuccess) return flux_err_; \
   } while (0)
 

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "cuda_utils.cuh"
 #include "flux/launch.h"
 #include "flux/params.h"
 #include "flux/streaming.h"
@@ -30,14 +31,13 @@ constexpr int kRowsPerIter = 4;
 constexpr int kMaxSplits = 128;
 // Below this many keys per split the partial write + combine costs more than the parallelism gains.
 constexpr int64_t kMinKeysPerSplit = 256;
-// Resident CTAs per SM the split heuristic aims for: enough loads in flight to cover DRAM latency.
-constexpr int kTargetCtasPerSm = 4;
+// CTAs per SM the split heuristic aims for: every variant fits 2 per SM (kHeads = 8 with 16-bit
+// types takes 254 registers), so the split grid is one wave; 2 x 16 KB of loads in flight per SM.
+constexpr int kTargetCtasPerSm = 2;
 constexpr int kMaxHeadsPerCta = 8;  // q heads held in registers per CTA (q + accumulators)
 constexpr int kCombineWarps = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-FLUX_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The keys the new token of one sequence sees, numbered 0..n_visible-1: virtual index v < sink_end
 // is key v, the rest continue at local_start. Dense rows have sink_end = local_start = 0.
@@ -69,7 +69,7 @@ struct SplitRange {
 };
 
 FLUX_HOST_DEVICE SplitRange split_range(int64_t n_visible, int num_splits, int split, int tile) {
-  const int64_t chunk = ceil_div(ceil_div(n_visible, num_splits), tile) * tile;
+  const int64_t chunk = ceil_div(ceil_div(n_visible, int64_t(num_splits)), int64_t(tile)) * tile;
   SplitRange r;
   r.begin = imin(n_visible, int64_t(split) * chunk);
   r.end = imin(n_visible, r.begin + chunk);
@@ -83,8 +83,6 @@ int heads_per_cta(int group) {
   return h;
 }
 
-bool streaming_possible(const DecodeParams& p) { return p.sparse_mode != SparseMode::kDense; }
-
 int choose_num_splits(const DecodeParams& p, int num_sms) {
   if (p.num_splits > 0) return p.num_splits < kMaxSplits ? p.num_splits : kMaxSplits;
   if (p.batch <= 0 || p.num_heads_k <= 0 || num_sms <= 0) return 1;
@@ -95,7 +93,8 @@ int choose_num_splits(const DecodeParams& p, int num_sms) {
   // batch that is streaming throughout is bounded by the window. max_seqlen_k <= 0 means unknown.
   int64_t max_keys = p.max_seqlen_k;
   if (p.sparse_mode == SparseMode::kStreaming) {
-    const int64_t window = int64_t(p.pattern.sink_tokens) + int64_t(p.pattern.local_blocks) * p.pattern.block_size;
+    const int64_t window =
+        int64_t(p.pattern.sink_tokens) + int64_t(p.pattern.local_blocks) * p.pattern.block_size;
     max_keys = max_keys > 0 ? imin(max_keys, window) : window;
   }
   if (max_keys > 0) splits = imin(splits, ceil_div(max_keys, kMinKeysPerSplit));
@@ -121,7 +120,6 @@ struct Vec16<float> {
     f[2] = __uint_as_float(u.z);
     f[3] = __uint_as_float(u.w);
   }
-  __device__ static float from_float_store(float x) { return x; }
 };
 
 template <>
@@ -138,7 +136,6 @@ struct Vec16<__half> {
       f[2 * i + 1] = f2.y;
     }
   }
-  __device__ static __half from_float_store(float x) { return __float2half_rn(x); }
 };
 
 template <>
@@ -155,7 +152,6 @@ struct Vec16<__nv_bfloat16> {
       f[2 * i + 1] = f2.y;
     }
   }
-  __device__ static __nv_bfloat16 from_float_store(float x) { return __float2bfloat16_rn(x); }
 };
 
 __device__ __forceinline__ uint4 load16(const void* ptr) {
@@ -184,8 +180,9 @@ struct DecodeConfig {
 };
 
 // Offset in elements of token j of sequence b, kv head h.
-__device__ __forceinline__ int64_t cache_offset(const DecodeParams& p, int64_t b, int64_t j, int64_t page_stride,
-                                                int64_t row_stride, int64_t head_stride, int64_t h) {
+__device__ __forceinline__ int64_t cache_offset(const DecodeParams& p, int64_t b, int64_t j,
+                                                int64_t page_stride, int64_t row_stride,
+                                                int64_t head_stride, int64_t h) {
   if (p.block_table == nullptr) return b * page_stride + j * row_stride + h * head_stride;
   const int64_t page = p.block_table[b * p.block_table_stride + j / p.page_size];
   return page * page_stride + (j % p.page_size) * row_stride + h * head_stride;
@@ -387,7 +384,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Deco
     const int hq = head0 + h;
     if (num_splits == 1) {
       T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + int64_t(hq) * p.o_head_stride;
-      out[d] = Vec16<T>::from_float_store(o);
+      out[d] = from_float<T>(o);
       if (d == 0) p.lse[b * p.lse_batch_stride + hq] = lse;
     } else {
       // Workspace: o_part [num_splits, batch, Hq, D] then lse_part [num_splits, batch, Hq], fp32.
@@ -403,7 +400,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Deco
 // One warp per (batch, q head): weights w_s = exp(lse_s - max), out = sum w_s o_s / sum w_s,
 // lse = max + log(sum w_s). All splits empty (empty sequence) -> out 0, lse -inf.
 template <typename T>
-__global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(const DecodeParams p, int num_splits) {
+__global__ void __launch_bounds__(kCombineWarps * 32)
+    decode_combine_kernel(const DecodeParams p, int num_splits) {
   __shared__ float s_w[kCombineWarps][kMaxSplits];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -435,7 +433,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(cons
   for (int d = lane; d < p.head_dim; d += 32) {
     float o = 0.f;
     for (int s = 0; s < num_splits; ++s) o = fmaf(s_w[warp][s], o_part[(s * rows + row) * p.head_dim + d], o);
-    out[d] = Vec16<T>::from_float_store(o * inv);
+    out[d] = from_float<T>(o * inv);
   }
   if (lane == 0) p.lse[b * p.lse_batch_stride + hq] = m_all == -INFINITY ? -INFINITY : m_all + logf(l_all);
 }
@@ -446,11 +444,14 @@ cudaError_t launch_decode(const DecodeParams& p, int num_splits, cudaStream_t st
   const int head_tiles = int(ceil_div(group, kHeads));
   const dim3 grid(num_splits, p.num_heads_k * head_tiles, p.batch);
   decode_split_kernel<T, kHeadDim, kHeads><<<grid, kDecodeThreads, 0, stream>>>(p, num_splits, head_tiles);
+  FLUX_CUDA_CHECK_LAUNCH();
   if (num_splits > 1) {
     const int64_t rows = int64_t(p.batch) * p.num_heads_q;
-    decode_combine_kernel<T><<<unsigned(ceil_div(rows, kCombineWarps)), kCombineWarps * 32, 0, stream>>>(p, num_splits);
+    const unsigned blocks = unsigned(ceil_div(rows, int64_t(kCombineWarps)));
+    decode_combine_kernel<T><<<blocks, kCombineWarps * 32, 0, stream>>>(p, num_splits);
+    FLUX_CUDA_CHECK_LAUNCH();
   }
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
 template <typename T, int kHeadDim>
@@ -475,15 +476,11 @@ cudaError_t dispatch_head_dim(const DecodeParams& p, int num_splits, cudaStream_
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // 16-byte loads need every row start of q, K and V on a 16-byte boundary.
-bool vector_loads_ok(const DecodeParams& p, int64_t elems) {
-  const int64_t strides[] = {p.q_batch_stride, p.q_head_stride, p.k_page_stride, p.k_row_stride,
-                             p.k_head_stride,  p.v_page_stride, p.v_row_stride,  p.v_head_stride};
-  for (const int64_t s : strides)
-    if (s % elems != 0) return false;
-  return aligned16(p.q) && aligned16(p.k_cache) && aligned16(p.v_cache);
+bool vector_loads_ok(const DecodeParams& p, size_t elem_size) {
+  return rows_16b_aligned(p.q, elem_size, p.q_batch_stride, p.q_head_stride, 0) &&
+         rows_16b_aligned(p.k_cache, elem_size, p.k_page_stride, p.k_row_stride, p.k_head_stride) &&
+         rows_16b_aligned(p.v_cache, elem_size, p.v_page_stride, p.v_row_stride, p.v_head_stride);
 }
 
 }  // namespace
@@ -498,15 +495,15 @@ cudaError_t run_decode_attention(DecodeParams& params, cudaStream_t stream) {
   if (p.num_heads_k <= 0 || p.num_heads_q % p.num_heads_k != 0 || p.batch < 0 || p.batch > 65535)
     return cudaErrorInvalidValue;
   if (p.block_table != nullptr && p.page_size <= 0) return cudaErrorInvalidValue;
+  const int group = p.num_heads_q / p.num_heads_k;
+  if (int64_t(p.num_heads_k) * ceil_div(group, heads_per_cta(group)) > 65535) return cudaErrorInvalidValue;
   if (p.batch == 0) return cudaSuccess;
-  const int64_t elems = p.dtype == DataType::kFloat32 ? 4 : 8;
-  if (p.dtype == DataType::kFloat64 || !vector_loads_ok(p, elems)) return cudaErrorInvalidValue;
+  const size_t elem_size = p.dtype == DataType::kFloat32 ? 4 : 2;
+  if (p.dtype == DataType::kFloat64 || !vector_loads_ok(p, elem_size)) return cudaErrorInvalidValue;
 
   int device = 0, num_sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
+  FLUX_CUDA_CHECK(cudaGetDevice(&device));
+  FLUX_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
 
   int num_splits = choose_num_splits(p, num_sms);
   // A workspace smaller than decode_workspace_bytes asked for (e.g. sized with another SM count)

@@ -14,7 +14,6 @@
 #endif
 
 #if FLUX_CATCH2_MAJOR >= 3
-#include <catch2/catch_approx.hpp>
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/generators/catch_generators.hpp>
 #include <catch2/generators/catch_generators_range.hpp>

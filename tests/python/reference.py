@@ -47,6 +47,12 @@ def _attend(q, k, v, mask, scale, dtype):
     that 0 * inf produces lands on masked positions, whose gradient `where` discards.
     """
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if k.shape[0] == 0:  # no keys at all; the 0 * sum keeps every input in the autograd graph
+        link = 0 * (q.sum() + k.sum() + v.sum())
+        out = torch.zeros_like(q) + link
+        lse_dtype = torch.float32 if dtype in _LOW else dtype
+        lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=lse_dtype, device=q.device) + link
+        return out, lse
     # Keys no row sees may hold anything (tests put NaN there): keep them out of 0 * NaN products.
     seen = mask.to(v.device).any(dim=0)[:, None, None]
     k = torch.where(seen, k, torch.zeros_like(k))

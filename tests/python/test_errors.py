@@ -78,7 +78,7 @@ def cpu_value_cases():
     c = cu([0, 4, 10])
     return [
         ("cu_not_monotone", "cu_seqlens_q", [r"cu_seqlens_q must be non-decreasing",
-                                             r"cu_seqlens_q\[0\] = 6 > cu_seqlens_q\[1\] = 4"],
+                                             r"cu_seqlens_q\[1\] = 6 > cu_seqlens_q\[2\] = 4"],
          lambda op: op(q3, k3, v3, cu_seqlens_q=cu([0, 6, 4, 10]), cu_seqlens_k=cu([0, 4, 4, 10]))),
         ("cu_first_nonzero", "cu_seqlens_k", [r"cu_seqlens_k\[0\] must be 0; got 1"],
          lambda op: op(q3, k3, v3, cu_seqlens_q=c, cu_seqlens_k=cu([1, 4, 10]))),

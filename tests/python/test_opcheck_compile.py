@@ -88,6 +88,8 @@ def test_opcheck_gumbel(device, grad):
     logits = torch.tensor([[50.0, -50.0], [-50.0, 50.0], [60.0, -40.0]], device=device).requires_grad_(grad)
     opcheck(ops.gumbel_route.default, (logits, 1.0, True))
     opcheck(ops.gumbel_route.default, (logits, 0.7, False))
+    for hard in (True, False):
+        opcheck(ops.gumbel_route_sample.default, (logits.detach(), 0.7, hard))
     soft = torch.softmax(torch.randn(3, 2, device=device), dim=-1)
     opcheck(ops.gumbel_route_backward.default, (torch.randn(3, device=device), soft, 0.7))
 
@@ -129,7 +131,7 @@ def compare(eager, compiled):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph(device, backend):
     torch._dynamo.reset()
     compiled_fn = torch.compile(model, fullgraph=True, backend=backend)

@@ -1,0 +1,160 @@
+"""Attention kernels on one GPU: ours vs SDPA (flash, cuDNN) and FlexAttention, in one run.
+
+Dense: Llama-3.1-8B attention shape (32 q heads, 8 kv heads) at D = 128 and 64, S = 1K..32K with
+B * S = 32K tokens, causal and not, forward and forward+backward. Sparse: the streaming pattern (sink
+128 + 16 local blocks of 128) at B = 1, S = 8K..128K, against FlexAttention with the same block mask.
+TFLOP/s: forward 4 * B * S^2 * H * D (halved for causal); backward 2.5x forward; sparse counts only
+attended (query, key) pairs. Writes h200_attention.json to bench/results and --out-dir.
+
+    python bench/attention.py [--quick] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import print_table, time_ms, write_results  # noqa: E402
+
+import flux_attention as fa  # noqa: E402
+
+HQ, HKV = 32, 8
+TOKENS = 32 * 1024
+
+
+def streaming_pairs(s: int, sink: int, local: int, bs: int) -> int:
+    t = torch.arange(s, dtype=torch.int64)
+    lo = torch.clamp((t // bs - (local - 1)) * bs, min=0)
+    local_start = torch.maximum(lo, torch.clamp(torch.full_like(t, sink), max=t + 1))
+    sink_end = torch.clamp(torch.full_like(t, sink), max=t + 1)
+    return int((sink_end + (t + 1 - local_start)).sum())
+
+
+def make_inputs(b, s, d, dtype=torch.bfloat16, grad=False):
+    mk = lambda h: torch.randn(b, s, h, d, device="cuda", dtype=dtype, requires_grad=grad)  # noqa: E731
+    return mk(HQ), mk(HKV), mk(HKV)
+
+
+def sdpa_fn(backend, q, k, v, causal):
+    # SDPA takes [B, H, S, D]; the flash and cuDNN backends want K/V expanded to all heads, done once
+    # outside the timed region (it is what users of these backends do today).
+    qt = q.transpose(1, 2).detach().requires_grad_(q.requires_grad)
+    kt = k.transpose(1, 2).repeat_interleave(HQ // HKV, 1).detach().requires_grad_(k.requires_grad)
+    vt = v.transpose(1, 2).repeat_interleave(HQ // HKV, 1).detach().requires_grad_(v.requires_grad)
+
+    def run():
+        with torch.nn.attention.sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    return run
+
+
+def flex_fn(q, k, v, mask_mod, s):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    block_mask = create_block_mask(mask_mod, None, None, s, s, device="cuda")
+    compiled = torch.compile(flex_attention)
+    qt = q.transpose(1, 2).detach().requires_grad_(q.requires_grad)
+    kt = k.transpose(1, 2).detach().requires_grad_(k.requires_grad)
+    vt = v.transpose(1, 2).detach().requires_grad_(v.requires_grad)
+    return lambda: compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=True)
+
+
+def with_backward(fn):
+    def run():
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def bench_dense(quick):
+    rows, records = [], []
+    seqs = [8192, 32768] if quick else [1024, 4096, 8192, 16384, 32768]
+    dims = [128] if quick else [128, 64]
+    for d in dims:
+        for causal in (True, False):
+            for s in seqs:
+                b = max(1, TOKENS // s)
+                for bwd in (False, True):
+                    if quick and (not causal and bwd):
+                        continue
+                    q, k, v = make_inputs(b, s, d, grad=bwd)
+                    flops = 4 * b * s * s * HQ * d * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
+                    impls = {
+                        "flux": lambda: fa.full_attention(q, k, v, causal=causal),
+                        "sdpa_cudnn": sdpa_fn(torch.nn.attention.SDPBackend.CUDNN_ATTENTION, q, k, v, causal),
+                        "sdpa_flash": sdpa_fn(torch.nn.attention.SDPBackend.FLASH_ATTENTION, q, k, v, causal),
+                    }
+                    if not quick:
+                        mm = (lambda b_, h_, qi, ki: qi >= ki) if causal else (lambda b_, h_, qi, ki: qi >= 0)
+                        impls["flex"] = flex_fn(q, k, v, mm, s)
+                    res = {}
+                    for name, fn in impls.items():
+                        try:
+                            res[name] = time_ms(with_backward(fn) if bwd else fn)["median_ms"]
+                        except Exception as e:  # an anchor backend may not support a shape
+                            print(f"  {name} failed at D={d} S={s}: {type(e).__name__}: {e}")
+                            res[name] = float("nan")
+                    tf = {n: flops / (ms * 1e-3) / 1e12 for n, ms in res.items()}
+                    rec = dict(d=d, s=s, b=b, causal=causal, bwd=bwd, ms=res, tflops=tf,
+                               vs_cudnn=res["sdpa_cudnn"] / res["flux"])
+                    records.append(rec)
+                    rows.append([d, s, b, "causal" if causal else "full", "fwd+bwd" if bwd else "fwd",
+                                 res["flux"], tf["flux"], tf["sdpa_cudnn"], tf["sdpa_flash"],
+                                 tf.get("flex", float("nan")), rec["vs_cudnn"]])
+                    del q, k, v
+    print("\nDense attention (TFLOP/s; ratio = cuDNN time / ours, > 1 means we are faster)")
+    print_table(["D", "S", "B", "mask", "pass", "ours ms", "ours", "cudnn", "flash", "flex", "ratio"], rows)
+    return records
+
+
+def bench_sparse(quick):
+    rows, records = [], []
+    sink, local, bs = 128, 16, 128
+    seqs = [32768] if quick else [8192, 32768, 131072]
+    for s in seqs:
+        for bwd in ((False,) if quick else (False, True)):
+            q, k, v = make_inputs(1, s, 128, grad=bwd)
+            pairs = streaming_pairs(s, sink, local, bs)
+            flops = 4 * pairs * HQ * 128 * (3.5 if bwd else 1.0)
+            mm = lambda b_, h_, qi, ki: (qi >= ki) & ((ki < sink) | (ki // bs >= qi // bs - (local - 1)))  # noqa: E731
+            impls = {"flux": lambda: fa.sparse_attention(q, k, v, sink_tokens=sink, local_blocks=local,
+                                                         block_size=bs),
+                     "flex": flex_fn(q, k, v, mm, s)}
+            res = {}
+            for name, fn in impls.items():
+                try:
+                    res[name] = time_ms(with_backward(fn) if bwd else fn)["median_ms"]
+                except Exception as e:
+                    print(f"  {name} failed at S={s}: {type(e).__name__}: {e}")
+                    res[name] = float("nan")
+            tf = {n: flops / (ms * 1e-3) / 1e12 for n, ms in res.items()}
+            records.append(dict(s=s, bwd=bwd, ms=res, tflops_visited=tf, vs_flex=res["flex"] / res["flux"]))
+            rows.append([s, "fwd+bwd" if bwd else "fwd", res["flux"], res["flex"], tf["flux"],
+                         res["flex"] / res["flux"]])
+            del q, k, v
+    print("\nStreaming sparse attention, B=1, D=128 (TFLOP/s over visited pairs; ratio = flex / ours)")
+    print_table(["S", "pass", "ours ms", "flex ms", "ours TF/s", "ratio"], rows)
+    return records
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes, no FlexAttention compile for dense")
+    ap.add_argument("--out-dir", default=os.environ.get("OUT", ""))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/attention.py needs a CUDA GPU")
+    dense = bench_dense(args.quick)
+    sparse = bench_sparse(args.quick)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    write_results("h200_attention", {"quick": args.quick, "dense": dense, "sparse": sparse},
+                  [os.path.join(root, "bench", "results"), args.out_dir])
+
+
+if __name__ == "__main__":
+    main()

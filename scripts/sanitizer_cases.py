@@ -1,0 +1,59 @@
+"""Every CUDA op once, on small ragged shapes, for compute-sanitizer (memcheck / racecheck).
+
+Shapes are chosen to hit tile edges (lengths not multiples of any tile), GQA, varlen with an empty
+sequence, and the streaming window. No assertions here: the sanitizer's verdict is the test.
+"""
+
+import sys
+
+import torch
+
+import flux_attention as fa
+
+
+def run(small: bool) -> None:
+    dev = "cuda"
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    dims = (64,) if small else (64, 128)
+    for d in dims:
+        for (b, s) in ((1, 1), (2, 129), (1, 300)):
+            q = torch.randn(b, s, 8, d, device=dev, dtype=dt, requires_grad=True)
+            k = torch.randn(b, s, 2, d, device=dev, dtype=dt, requires_grad=True)
+            v = torch.randn(b, s, 2, d, device=dev, dtype=dt, requires_grad=True)
+            for causal in (False, True):
+                out, lse = fa.full_attention(q, k, v, causal=causal)
+                (out.float().sum() + lse.sum()).backward()
+            out, lse = fa.sparse_attention(q, k, v, sink_tokens=16, local_blocks=2, block_size=16)
+            out.float().sum().backward()
+            flags = torch.arange(b, device=dev) % 2 == 0
+            out, lse = fa.flux_attention(q, k, v, flags, sink_tokens=16, local_blocks=2, block_size=16)
+            out.float().sum().backward()
+        cu = torch.tensor([0, 5, 5, 140], dtype=torch.int32, device=dev)
+        q = torch.randn(140, 4, d, device=dev, dtype=dt, requires_grad=True)
+        k = torch.randn(140, 4, d, device=dev, dtype=dt, requires_grad=True)
+        v = torch.randn(140, 4, d, device=dev, dtype=dt, requires_grad=True)
+        out, lse = fa.full_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=135,
+                                     max_seqlen_k=135, causal=True)
+        out.float().sum().backward()
+        # decode, contiguous and paged
+        cache_k = torch.randn(3, 300, 2, d, device=dev, dtype=dt)
+        cache_v = torch.randn(3, 300, 2, d, device=dev, dtype=dt)
+        seqlens = torch.tensor([1, 77, 300], dtype=torch.int32, device=dev)
+        qd = torch.randn(3, 8, d, device=dev, dtype=dt)
+        flags = torch.tensor([False, True, True], device=dev)
+        fa.decode_attention(qd, cache_k, cache_v, seqlens, use_sparse=flags, sink_tokens=16,
+                            local_blocks=2, block_size=16)
+        pages_k = cache_k.reshape(3 * 300 // 20, 20, 2, d)
+        pages_v = cache_v.reshape(3 * 300 // 20, 20, 2, d)
+        table = torch.randperm(45, device=dev, dtype=torch.int32).reshape(3, 15)
+        fa.decode_attention(qd, pages_k, pages_v, seqlens, block_table=table)
+        # router pooling
+        qp = torch.randn(2, 333, 8, d, device=dev, dtype=dt, requires_grad=True)
+        fa.pool_queries(qp, pool_size=150).float().sum().backward()
+    torch.cuda.synchronize()
+    print("sanitizer cases ran")
+
+
+if __name__ == "__main__":
+    run(small="--small" in sys.argv)

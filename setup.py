@@ -66,10 +66,10 @@ def _cpu_vec_flags():
     # at::vec picks its implementation from CPU_CAPABILITY_*; the inline namespace CPU_CAPABILITY keeps
     # our instantiations apart from libtorch's own.
     if choice == "avx512":
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if choice == "avx2":
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if choice == "none":
         return []
     sys.exit(f"setup.py: FLUX_CPU_VEC must be auto, avx512, avx2 or none; got {choice!r}")

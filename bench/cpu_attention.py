@@ -3,8 +3,9 @@
 Shapes: B = 1, 8 heads (q and kv), head_dim 128, fp32, forward only, S in {1K, 4K, 8K}. Sparse is the
 production pattern (128 sink tokens + 16 local blocks of 128). Baselines: SDPA dense (non-causal and
 is_causal=True) and SDPA with an explicit boolean mask of the sparse pattern (what a user without our
-op would run). Each case is checked against SDPA before it is timed, then timed as the median of
-several runs after warmup. Writes bench/results/cpu.json.
+op would run). Each of ours is checked against its SDPA counterpart first (a mismatch is reported,
+recorded in the JSON and makes the script exit non-zero), then every case is timed as the median
+of several runs after warmup. Writes bench/results/cpu.json.
 
     python bench/cpu_attention.py            # full run (a few minutes on 2 cores)
     python bench/cpu_attention.py --quick    # CI-sized: short sequences, fewer runs
@@ -26,6 +27,7 @@ import flux_attention as fa
 
 HEADS, HEAD_DIM = 8, 128
 SINK, LOCAL, BLOCK = 128, 16, 128
+MAX_ERR = 1e-3  # fp32 against SDPA's fp32; real differences are ~1e-6
 
 
 def streaming_mask(seqlen):
@@ -89,10 +91,10 @@ def bench_length(seqlen, warmup, runs):
     with torch.inference_mode():
         errors = {}
         for ours, baseline in pairs.items():
-            err = (cases[ours]() - cases[baseline]().transpose(1, 2)).abs().max().item()
-            errors[ours] = err
-            if not err < 1e-3:
-                sys.exit(f"S={seqlen}: {ours} differs from {baseline} by {err:.3e}; not timing a wrong result")
+            errors[ours] = (cases[ours]() - cases[baseline]().transpose(1, 2)).abs().max().item()
+            if not errors[ours] < MAX_ERR:
+                print(f"WARNING S={seqlen}: {ours} differs from {baseline} by {errors[ours]:.3e}: its time "
+                      "is of a wrong result", file=sys.stderr)
         medians, samples = {}, {}
         for name, fn in cases.items():
             medians[name], samples[name] = median_ms(fn, warmup, runs)
@@ -157,10 +159,15 @@ def main():
         results={str(s): r for s, r in results.items()},
         ratios=ratios,
     )
+    wrong = [f"{name}@{s}" for s, r in results.items() for name, err in r["max_abs_err_vs_sdpa"].items()
+             if not err < MAX_ERR]
+    report["wrong_results"] = wrong
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {args.out}")
+    if wrong:
+        sys.exit(f"wrong results (max |ours - SDPA| >= {MAX_ERR}): {', '.join(wrong)}")
 
 
 if __name__ == "__main__":

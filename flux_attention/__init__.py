@@ -4,7 +4,12 @@ The op library (``torch.ops.flux_attention``) is built from ``csrc/``; the funct
 Python entry points. See README.md.
 """
 
+import importlib
+
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
+
 from . import _C
+from .checkpoint import load_router, save_router
 from .ops import (
     decode_attention,
     flux_attention,
@@ -14,16 +19,25 @@ from .ops import (
     sparse_attention,
 )
 from .router import LayerRouter, RouterConfig
-from .cache import FluxCache
-from .hf import (
-    attach_router,
-    collect_sparsity,
-    detach_router,
-    register,
-    routing_report,
-    set_router_temperature,
-)
-from .checkpoint import load_router, save_router
+
+# The Hugging Face parts import transformers (~0.4 s); they load on first use, so the op library
+# stays usable without it.
+_LAZY = {
+    "FluxCache": ".cache",
+    "attach_router": ".hf",
+    "collect_sparsity": ".hf",
+    "detach_router": ".hf",
+    "register": ".hf",
+    "routing_report": ".hf",
+    "set_router_temperature": ".hf",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'flux_attention' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

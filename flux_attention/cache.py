@@ -131,6 +131,8 @@ class FluxCacheLayer(CacheLayerMixin):
         self.cache_seqlens: Optional[Tensor] = None  # int32 [B] (device)
         self.use_sparse: Optional[Tensor] = None  # bool [B] (device)
         self.use_sparse_host: Optional[List[bool]] = None
+        self._seq_ids: Optional[Tensor] = None
+        self._free_steps = 0
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("FluxCache does not support beam search (reorder_cache): pages "
@@ -182,7 +184,7 @@ class FluxCacheLayer(CacheLayerMixin):
         self.use_sparse = use_sparse.detach().clone()
         self.use_sparse_host = [bool(x) for x in use_sparse.tolist()]  # one host read per prefill
         dev = self.device
-        # Page 0 only: the first plan() sizes the pool to the prompt exactly, later growth doubles.
+        # Page 0 only: the first plan() sizes the pool to the prompt (see _grow).
         self.k_pages = torch.empty(1, block_size, num_heads_k, head_dim, dtype=self.dtype, device=dev)
         self.v_pages = torch.empty_like(self.k_pages)
         self._free = torch.zeros(0, dtype=torch.int64)
@@ -191,6 +193,8 @@ class FluxCacheLayer(CacheLayerMixin):
         self.block_table = self.block_table_host.to(dev)
         self.lengths_host = torch.zeros(batch, dtype=torch.int64)
         self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self._seq_ids = torch.arange(batch, device=dev)
+        self._free_steps = 0
         self.is_initialized = True
 
     def _mapped(self, length: int, sparse: bool) -> List[Range]:
@@ -213,8 +217,9 @@ class FluxCacheLayer(CacheLayerMixin):
 
     def _grow(self, extra: int) -> None:
         old = self.k_pages.shape[0]
-        # Sized exactly for the prompt (a pool holding page 0 only), doubling afterwards.
-        new = old + extra if old == 1 else max(2 * old, old + extra)
+        # Sized exactly for the prompt (a pool holding page 0 only); later growth by a quarter keeps
+        # reallocation copies amortised while over-allocating at most ~25 %.
+        new = old + extra if old == 1 else old + max(extra, old // 4)
         shape = (new - old,) + tuple(self.k_pages.shape[1:])
         self.k_pages = torch.cat([self.k_pages, self.k_pages.new_empty(shape)])
         self.v_pages = torch.cat([self.v_pages, self.v_pages.new_empty(shape)])
@@ -248,6 +253,9 @@ class FluxCacheLayer(CacheLayerMixin):
             for lo, hi in _ranges_minus(after, before):
                 table[b, lo:hi] = self._take(hi - lo).to(torch.int32)
         self.lengths_host = new
+        # Single-token appends that cannot reach a new page of any sequence: append_one skips
+        # planning for that many steps.
+        self._free_steps = int((new_pages * ps - new).min()) if self.batch else 0
         if changed:
             self.block_table_host = table
             self.block_table = table.to(self.device, non_blocking=True)
@@ -275,9 +283,12 @@ class FluxCacheLayer(CacheLayerMixin):
 
     def append_one(self, k: Tensor, v: Tensor) -> None:
         """Append one token to every sequence: ``k, v [B, Hkv, D]``. No host read."""
-        self.plan([1] * self.batch)
-        seq = torch.arange(self.batch, device=k.device)
-        self.write(k, v, seq, self.cache_seqlens)
+        if self._free_steps > 0:
+            self._free_steps -= 1
+            self.lengths_host += 1
+        else:
+            self.plan([1] * self.batch)
+        self.write(k, v, self._seq_ids, self.cache_seqlens)
         self.cache_seqlens += 1
 
     def gather_past(self, k_new: Tensor, v_new: Tensor, cu_new: Tensor,

@@ -394,12 +394,18 @@ inline A hsum(const Vectorized<A>& v) {
   return s;
 }
 
+// A NaN score (a NaN in the query row) must make the row NaN, not vanish into std::max.
+template <typename A>
+inline A nan_max(A a, A b) {
+  return (b > a || std::isnan(b)) && !std::isnan(a) ? b : a;
+}
+
 template <typename A>
 inline A hmax(const Vectorized<A>& v) {
   alignas(64) A lanes[Vectorized<A>::size()];
   v.store(lanes);
   A m = lanes[0];
-  for (int k = 1; k < Vectorized<A>::size(); ++k) m = std::max(m, lanes[k]);
+  for (int k = 1; k < Vectorized<A>::size(); ++k) m = nan_max(m, lanes[k]);
   return m;
 }
 
@@ -456,6 +462,13 @@ inline void zero_row(int64_t n, T* dst) {
 template <typename A>
 inline void transpose(const A* src, int64_t ld_src, int64_t rows, int64_t cols, A* dst,
                       int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // AVX-512's version takes any shape (16 x 16 blocks, masked edges).
+  if constexpr (std::is_same_v<A, float>) {
+    at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, int(rows), int(cols));
+    return;
+  }
+#endif
   int64_t r = 0;
   if constexpr (std::is_same_v<A, float>) {
     for (; r + 8 <= rows; r += 8) {

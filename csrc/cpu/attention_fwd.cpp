@@ -12,18 +12,12 @@ namespace {
 
 using namespace detail;
 
-// Query rows per work item: each K^T panel built for a key tile is reused by this many rows, which
-// keeps the transpose under ~5 % of the GEMM time; 4096 x 8 heads still gives 256 items to balance.
-#ifndef EXP_BQ
-#define EXP_BQ 128
-#endif
-constexpr int64_t kBlockQ = EXP_BQ;
-// Keys per step: the [kBlockQ x kBlockK] score tile, K^T panel and V tile (D = 128) stay within a
-// 1 MiB L2; 256 measured ~8 % faster than 128 and level with 512 (S = 4096, D = 128, fp32, 2 threads).
-#ifndef EXP_BK
-#define EXP_BK 256
-#endif
-constexpr int64_t kBlockK = EXP_BK;
+// Query rows per work item and keys per step. The [kBlockQ x kBlockK] score tile, the Q and output
+// tiles and a K^T panel (D = 128, fp32: 128 + 64 + 64 + 128 KiB) stay within a 1 MiB L2, and S = 4096
+// x 8 heads still makes 256 items to balance. Measured (fp32, D = 128, 2 threads, S = 4096 and 8192,
+// dense/causal/streaming): 128x128, 128x512, 64x256 and 256x256 all within +-5 % of 128x256.
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockK = 256;
 
 FLUX_CPU_VEC_BEGIN
 
@@ -87,7 +81,7 @@ void attention_fwd_kernel(const AttnFwdParams& p) {
             A* sr = s + r * kBlockK;
             if (kind == TileKind::kPartial) mask_row(seq.rule, i0 + r, j0, j1, sr);
             const A old_max = w.row_max.get()[r];
-            const A new_max = std::max(old_max, row_max(sr, n));
+            const A new_max = nan_max(old_max, row_max(sr, n));
             if (new_max == ninf) {  // nothing visible yet: exp(-inf - -inf) would be NaN
               std::fill(sr, sr + n, A(0));
               continue;

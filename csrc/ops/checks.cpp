@@ -116,4 +116,14 @@ at::Tensor unit_last_stride(const at::Tensor& t) {
   return t.stride(-1) == 1 ? t : t.contiguous();
 }
 
+at::Tensor vector_aligned_rows(const at::Tensor& t) {
+  const int64_t elem = t.element_size();
+  bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
+            (t.size(-1) * elem) % 16 == 0;
+  for (int64_t d = 0; ok && d + 1 < t.dim(); ++d) ok = (t.stride(d) * elem) % 16 == 0;
+  if (ok) return t;
+  // A contiguous but misaligned view (e.g. offset by one element) needs a fresh allocation.
+  return t.is_contiguous() ? t.clone() : t.contiguous();
+}
+
 }  // namespace flux_attention::checks

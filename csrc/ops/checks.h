@@ -46,4 +46,8 @@ void check_pattern(const char* op, const flux::StreamingPattern& pattern);
 // unit stride along head_dim (every other stride is free).
 at::Tensor unit_last_stride(const at::Tensor& t);
 
+// Returns t when its last dimension is contiguous and its base pointer and every other stride are
+// multiples of 16 bytes (so each row can be read as 16-byte vectors), else a contiguous copy.
+at::Tensor vector_aligned_rows(const at::Tensor& t);
+
 }  // namespace flux_attention::checks

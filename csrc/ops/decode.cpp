@@ -99,9 +99,10 @@ std::tuple<Tensor, Tensor> decode_attention_kernel(const Tensor& q_in, const Ten
     p.sparse_mode = flux::SparseMode::kPerSequence;
   }
 
-  const Tensor q = checks::unit_last_stride(q_in);
-  const Tensor k = checks::unit_last_stride(k_in);
-  const Tensor v = checks::unit_last_stride(v_in);
+  // The CUDA kernel reads rows as 16-byte vectors; anything else (rare: odd slicing) is copied.
+  const Tensor q = checks::vector_aligned_rows(q_in);
+  const Tensor k = checks::vector_aligned_rows(k_in);
+  const Tensor v = checks::vector_aligned_rows(v_in);
   const Tensor seqlens = cache_seqlens.contiguous();
   const Tensor table = paged ? block_table->contiguous() : Tensor();
   const Tensor flags = use_sparse ? use_sparse->contiguous() : Tensor();

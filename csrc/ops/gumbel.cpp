@@ -36,8 +36,9 @@ std::tuple<Tensor, Tensor> gumbel_route_sample(const Tensor& logits, double tau,
   const Tensor soft = at::softmax((logits.to(at::kFloat) + g) / tau, /*dim=*/1);
   const Tensor p_fa = soft.select(1, 1);
   // Ties go to sparse attention: argmax over [sparse, full] returns the first maximum.
+  // copy=true: z must never alias soft (both are outputs of the op).
   const Tensor z = hard ? p_fa.gt(soft.select(1, 0)).to(logits.scalar_type())
-                        : p_fa.to(logits.scalar_type());
+                        : p_fa.to(logits.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   return {z, soft};
 }
 

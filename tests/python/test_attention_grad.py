@@ -35,7 +35,7 @@ def grads_of(fn, q, k, v, dout, dlse):
     outputs, grads = [], []
     if dout is not None:
         outputs.append(out)
-        grads.append(dout.to(out.dtype))
+        grads.append(dout.to(out.dtype))  # exact: dout is drawn in the op's dtype
     if dlse is not None:
         outputs.append(lse)
         grads.append(dlse.to(lse.dtype))
@@ -50,7 +50,8 @@ def check_grads(name, op_fn, q, k, v, dtype, *, with_dout=True, with_dlse=True, 
         out, lse = op_fn(q, k, v)
     varlen = ref_kwargs.get("cu_seqlens_q") is not None
     rows = int(ref_kwargs["cu_seqlens_q"][-1]) if varlen else None
-    dout = torch.randn(out.shape, device=out.device) if with_dout else None
+    # Drawn in the dtypes the op receives them in, so the reference sees exactly the same values.
+    dout = torch.randn(out.shape, device=out.device).to(out.dtype) if with_dout else None
     dlse = torch.randn(lse.shape, device=lse.device) if with_dlse else None
     if varlen:  # rows past cu_seqlens_q[-1]: the op's output there is unspecified, never read
         if dout is not None:
@@ -60,12 +61,13 @@ def check_grads(name, op_fn, q, k, v, dtype, *, with_dout=True, with_dlse=True, 
     got = grads_of(op_fn, q, k, v, dout, dlse)
 
     def ref_grads(ref_dtype):
+        """Gradients of the reference computed in ref_dtype (leaves in ref_dtype too, so the float64
+        truth is not rounded back to the op's dtype)."""
         def ref_fn(q_, k_, v_):
             return attention_ref(q_, k_, v_, dtype=ref_dtype, **ref_kwargs)
-        cast = ref_dtype if ref_dtype == FP64 else dtype
-        rd = None if dout is None else (dout[:rows] if varlen else dout).to(cast)
-        rl = None if dlse is None else (dlse[:, :rows] if varlen else dlse).to(torch.float32 if cast != FP64 else FP64)
-        return grads_of(ref_fn, q.to(cast), k.to(cast), v.to(cast), rd, rl)
+        rd = None if dout is None else (dout[:rows] if varlen else dout)
+        rl = None if dlse is None else (dlse[:, :rows] if varlen else dlse)
+        return grads_of(ref_fn, q.to(ref_dtype), k.to(ref_dtype), v.to(ref_dtype), rd, rl)
 
     want = ref_grads(FP64)
     lowp = {}
@@ -202,6 +204,34 @@ def test_flux_grad_padded(device):
     use_sparse = torch.tensor(flags, device=device)
     check_grads("flux padded", lambda a, b, c: fa.flux_attention(a, b, c, use_sparse, **SMALL), q, k, v, BF16,
                 sparse=flags, **SMALL)
+
+
+@pytest.mark.parametrize("mode", ["full", "full_causal", "sparse", "flux"])
+def test_backward_op_given_exact_forward(device, mode):
+    """attention_backward alone, fed the float64 reference's out and lse: separates backward bugs
+    from forward bugs (the other gradient tests feed it the op's own forward)."""
+    lengths = [129, 37, 0, 100]
+    q, cu = pack_varlen(lengths, 4, 32, dtype=FP32, device=device, extra_rows=0)
+    k, _ = pack_varlen(lengths, 2, 32, dtype=FP32, device=device, extra_rows=0)
+    v, _ = pack_varlen(lengths, 2, 32, dtype=FP32, device=device, extra_rows=0)
+    flags = [True, False, True, True]
+    causal, sparse_mode, use_sparse = mode != "full", {"sparse": 1, "flux": 2}.get(mode, 0), None
+    ref_kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=causal, **SMALL)
+    if mode == "sparse":
+        ref_kw["sparse"] = True
+    if mode == "flux":
+        ref_kw["sparse"] = flags
+        use_sparse = torch.tensor(flags, device=device)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out, lse = attention_ref(*leaves, **ref_kw)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    want = torch.autograd.grad((out, lse), leaves, (dout, dlse))
+    got = torch.ops.flux_attention.attention_backward(
+        dout.float(), dlse.float(), q, k, v, out.detach().float(), lse.detach().float(), cu, cu, 129, 129,
+        causal, 32 ** -0.5, sparse_mode, use_sparse, SMALL["sink_tokens"], SMALL["local_blocks"],
+        SMALL["block_size"])
+    for g, w, name in zip(got, want, ("dq", "dk", "dv")):
+        assert_matches(f"attention_backward {mode} {name}", g, w, None, FP32)
 
 
 @pytest.mark.parametrize("device", device_params())

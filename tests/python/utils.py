@@ -93,6 +93,18 @@ def assert_matches(name, out, ref, ref_lowp_fn, input_dtype):
         assert_close_rel(name, out, ref, max(REL_TOL[input_dtype], REL_TOL.get(out.dtype, 0.0)))
 
 
+def assert_same_up_to_order(name, out, other):
+    """Two fp32-accumulating computations of the same result (e.g. decode vs prefill's last row):
+    they may differ by accumulation order, i.e. fp32-level noise plus one rounding of the storage
+    dtype: max|out - other| <= 1e-5 * max|other| + rounding_noise(other, dtype) (1e-10 for fp64)."""
+    o, r = _split_finite(name, out, other)
+    err_max, err_mean, where = _describe(o, r)
+    rel = 1e-10 if out.dtype == torch.float64 else 1e-5
+    bound = rel * (r.abs().max().item() if r.numel() else 0.0) + rounding_noise(other.float(), out.dtype)
+    assert err_max <= bound, (
+        f"{name}: max difference {err_max:.3e} (mean {err_mean:.3e}, worst at {where}) exceeds {bound:.3e}")
+
+
 def randn(*shape, dtype, device, requires_grad=False):
     x = torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
     return x.requires_grad_(requires_grad)

@@ -71,7 +71,7 @@ def _cpu_vec_flags():
     if choice == "avx2":
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if choice == "none":
-        return []
+        return ["-DCPU_CAPABILITY=DEFAULT"]
     sys.exit(f"setup.py: FLUX_CPU_VEC must be auto, avx512, avx2 or none; got {choice!r}")
 
 

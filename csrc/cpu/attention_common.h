@@ -3,15 +3,15 @@
 // key and row ranges, a load-balancing work queue, and the vectorised row primitives and tile GEMM.
 //
 // Orientation used throughout: tiles are row-major, a score tile S is [rows x keys] with leading
-// dimension kBlockK of its kernel, K and V tiles are transposed into [head_dim x keys] panels so that
-// every product is a plain row-major C = A * B (the form cpublas::brgemm takes).
+// dimension kBlockK of its kernel, and K (V too in the backward) is staged once as transposed
+// [head_dim x keys] panels, so that every product is a plain row-major C = A * B (the only form
+// cpublas::brgemm takes).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <new>
@@ -53,11 +53,12 @@
 #warning "csrc/cpu attention kernels compiled without -fopenmp: at::parallel_for will be serial"
 #endif
 
-// at::vec picks its implementation from CPU_CAPABILITY_* macros that ATen defines only for its own
-// per-ISA kernel copies; an extension built with baseline x86-64 flags gets the scalar fallback, whose
-// exp is std::exp per element (the softmax then costs more than both GEMMs). GCC's target pragma
-// compiles at::vec and the kernels (between FLUX_CPU_VEC_BEGIN/END) for AVX2+FMA+F16C; the entry
-// points stay baseline code and check the CPU before calling in (check_cpu_isa).
+// at::vec picks its implementation from CPU_CAPABILITY_* macros. setup.py defines them (FLUX_CPU_VEC)
+// and then its choice stands. A build that defines none (CMake, a plain compile) would get the scalar
+// fallback, whose exp is std::exp per element (the softmax then costs more than both GEMMs): there
+// GCC's target pragma compiles at::vec and the kernels (between FLUX_CPU_VEC_BEGIN/END) for
+// AVX2+FMA+F16C, and the entry points stay baseline code that checks the CPU first (check_cpu_isa).
+// Define CPU_CAPABILITY=DEFAULT for a build that must run on pre-AVX2 x86.
 #if !defined(CPU_CAPABILITY) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FLUX_CPU_TARGET_AVX2 1
 #define FLUX_CPU_VEC_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")

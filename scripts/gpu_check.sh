@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flux-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for every tool below
 PY=${PY:-python3}
 QUICK=0; BENCH=1; SANITIZER=1
 for a in "$@"; do
@@ -34,6 +35,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
 export FLUX_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-4}
+# The H200 image sets CC/CXX to an /opt/gcc wrapper whose builds carry their own libstdc++ pieces;
+# with it, any error message that c10 streams (SymInt, ints) segfaulted inside libstdc++'s locale
+# code. The system GCC (13.3, same major) links against the shared libstdc++ torch uses: prefer it.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 step build $PY setup.py -q build_ext --inplace || { echo "build failed"; exit 1; }
 step cuda_compile_times $PY scripts/cuda_compile_check.py
 

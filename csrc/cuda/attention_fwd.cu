@@ -159,9 +159,10 @@ __global__ void __launch_bounds__(FwdTraits<T, kHeadDim>::kThreads)
     float l = row_sum[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    // l == 0 exactly when the row saw no key: out 0, lse -inf.
-    inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
-    const float lse = l > 0.0f ? (row_max[r] + log2f(l)) * attn::kLn2 : -INFINITY;
+    // l == 0 exactly when the row saw no key: out 0, lse -inf. A NaN l (NaN in the row's scores)
+    // must stay NaN in both, so compare with 0 rather than test l > 0.
+    inv[r] = l == 0.0f ? 0.0f : 1.0f / l;
+    const float lse = l == 0.0f ? -INFINITY : (row_max[r] + log2f(l)) * attn::kLn2;
     const int64_t row = r == 0 ? row_lo : row_hi;
     if (t == 0 && row < sc.len_q) {
       p.lse[b * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + sc.q_start + row] = lse;

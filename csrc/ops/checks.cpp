@@ -27,8 +27,19 @@ std::string describe(const at::Tensor& t) {
   if (!t.defined()) return "undefined";
   std::ostringstream s;
   s << "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.sym_size(i);
-  s << "] " << dtype_name(t.scalar_type()) << " " << t.device();
+  // Only plain ints and std::strings go into the stream: c10's operator<< overloads (SymInt,
+  // Device) live in libc10, and handing them this library's ostream crashed on a machine whose
+  // compiler and libstdc++ differ from torch's (seen on the H200 image).
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    const auto n = t.sym_size(i).maybe_as_int();
+    s << (i ? ", " : "");
+    if (n) {
+      s << static_cast<long long>(*n);
+    } else {
+      s << "?";
+    }
+  }
+  s << "] " << dtype_name(t.scalar_type()) << " " << t.device().str();
   return s.str();
 }
 
@@ -39,7 +50,7 @@ flux::DataType kernel_dtype(const char* op, const char* name, const at::Tensor& 
     case at::kHalf: return flux::DataType::kFloat16;
     case at::kBFloat16: return flux::DataType::kBFloat16;
     case at::kDouble:
-      FLUX_CHECK(on_cpu, op, name, " must be bf16, fp16 or fp32 on ", t.device().type(),
+      FLUX_CHECK(on_cpu, op, name, " must be bf16, fp16 or fp32 on ", c10::DeviceTypeName(t.device().type(), true),
                  " (fp64 is supported on CPU only, for gradcheck); got ", describe(t));
       return flux::DataType::kFloat64;
     default:
@@ -60,7 +71,7 @@ void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t di
 void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
                        const at::Tensor& ref) {
   FLUX_CHECK(t.device() == ref.device(), op, name, " must be on the same device as ", ref_name,
-             " (", ref.device(), "); got ", describe(t));
+             " (", ref.device().str(), "); got ", describe(t));
 }
 
 void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,

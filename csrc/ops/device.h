@@ -28,7 +28,7 @@ namespace flux_attention {
                           "build of torch, or FLUX_CUDA=1)"
                         : "";
 #endif
-  FLUX_CHECK(false, op, "no kernel for device ", ref.device(), why);
+  FLUX_CHECK(false, op, "no kernel for device ", ref.device().str(), why);
   TORCH_INTERNAL_ASSERT(false);  // unreachable; keeps [[noreturn]] honest
 }
 

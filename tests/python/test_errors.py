@@ -29,6 +29,18 @@ def raises(op, fragments, fn):
     for fragment in fragments:
         assert re.search(fragment, message), f"{fragment!r} not in {message!r}"
 
+# CPU_ONLY_NOTE: the argument checks are one code path for every device (csrc/ops/checks.cpp, run
+# before any kernel), so the shape/argument cases run on CPU, where their small head dim (16) is
+# legal. What differs by device has CUDA tests of its own: head dims, fp64, device mismatch.
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_head_dim_rejected_on_cuda():
+    q = t(1, 4, 2, 48, device="cuda")
+    raises("full_attention", [r"head_dim \(q\.size\(-1\)\) must be one of 32, 64, 96, 128, 256 on CUDA",
+                              "got 48"], lambda: fa.full_attention(q, q, q))
+
 
 def attention_error_cases(d):
     """(id, op, message fragments, call) for the checks shared by the three attention ops."""
@@ -102,6 +114,7 @@ OPS = {
 }
 
 
+@pytest.mark.parametrize("device", ["cpu"])  # see CPU_ONLY_NOTE
 @pytest.mark.parametrize("op_name", list(OPS))
 def test_attention_input_errors(device, op_name):
     for case_id, _, fragments, call in attention_error_cases(device):
@@ -153,6 +166,7 @@ PATTERN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", ["cpu"])  # see CPU_ONLY_NOTE
 @pytest.mark.parametrize("kw,fragments", PATTERN_CASES)
 def test_pattern_errors(device, kw, fragments):
     q = t(2, 8, 2, 16, device=device)
@@ -163,6 +177,7 @@ def test_pattern_errors(device, kw, fragments):
            lambda: fa.decode_attention(q[:, 0], q, q, cu([3, 8], device), use_sparse=flags, **kw))
 
 
+@pytest.mark.parametrize("device", ["cpu"])  # see CPU_ONLY_NOTE
 def test_use_sparse_errors(device):
     q = t(2, 8, 2, 16, device=device)
     for flags, got in ((torch.ones(3, dtype=torch.bool), r"got \[3\] bool"),
@@ -174,6 +189,7 @@ def test_use_sparse_errors(device):
                lambda: fa.decode_attention(q[:, 0], q, q, cu([3, 8], device), use_sparse=flags.to(device)))
 
 
+@pytest.mark.parametrize("device", ["cpu"])  # see CPU_ONLY_NOTE
 def test_decode_errors(device):
     q = t(2, 4, 16, device=device)
     cache = t(2, 8, 2, 16, device=device)
@@ -224,6 +240,7 @@ def test_decode_value_errors():
            lambda: fa.decode_attention(q, pages, pages, cu([8, 5]), block_table=table))
 
 
+@pytest.mark.parametrize("device", ["cpu"])  # see CPU_ONLY_NOTE
 def test_pool_errors(device):
     q = t(10, 2, 16, device=device)
     c = cu([0, 4, 10], device)
@@ -261,6 +278,7 @@ def test_gumbel_errors(device):
     raises("gumbel_route", [r"tau must be positive; got 0"], lambda: fa.gumbel_route(t(4, 2, device=device), 0.0))
 
 
+@pytest.mark.parametrize("device", ["cpu"])  # see CPU_ONLY_NOTE
 def test_torch_ops_raise_the_same(device):
     """The errors come from the C++ op, not the Python wrapper."""
     q = t(2, 8, 4, 16, device=device)

@@ -54,3 +54,12 @@ def _poison_uninitialized_memory():
     yield
     torch.utils.deterministic.fill_uninitialized_memory = was_fill
     torch.use_deterministic_algorithms(was_on, warn_only=was_warn)
+
+
+@pytest.fixture
+def one_thread():
+    """Runs a test with one intra-op thread (tiny models gain nothing from more), then restores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

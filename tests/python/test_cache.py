@@ -23,12 +23,8 @@ from flux_attention import hf
 from flux_attention.cache import FluxCacheLayer, _ranges_minus
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models: extra threads only add contention on a shared machine (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Watch(StoppingCriteria):

@@ -42,13 +42,8 @@ SMALL = dict(block_size=16, sink_tokens=16, local_blocks=2)
 REL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: extra threads only add contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models: extra threads only add contention on a shared machine (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(arch="llama", device="cpu", **overrides):

@@ -1,0 +1,225 @@
+"""Records, tokenisation and greedy packing into varlen packs.
+
+A record is ``{context, question, answer, task}`` (or a plain document ``{text, task?}``). Its task
+maps to one of the five task classes (``TASK_CLASSES``), which select the sparsity target and the
+multipliers. Records are tokenised as prompt (chat template when the tokenizer has one, else
+``context``, ``question`` and an ``Answer:`` cue) + answer + EOS, and packed greedily in stream
+order into packs of at most ``pack_tokens`` tokens: one row, ``cu_seqlens`` marking the sequences.
+
+Each rank reads its own stream (records ``rank, rank + world, ...``), so the data position of a
+rank is one integer, the index of the first record of its next pack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import synthetic
+from .config import TASK_CLASSES, DataConfig
+
+__all__ = ["Pack", "Packer", "byte_tokenizer", "record_source", "task_class", "encode_record"]
+
+_CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (no download): ids 0-2 are ``<pad> <s> </s>``, 3-258
+    the bytes; with a small chat template so the chat path is exercised too."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = _CHAT
+    return fast
+
+
+def task_class(task) -> int:
+    """Class index of a record's task: a class name, a synthetic task name, or an index."""
+    if isinstance(task, int) and not isinstance(task, bool) and 0 <= task < len(TASK_CLASSES):
+        return task
+    if task in TASK_CLASSES:
+        return TASK_CLASSES.index(task)
+    if task in synthetic.TASK_CLASS:
+        return TASK_CLASSES.index(synthetic.TASK_CLASS[task])
+    raise ValueError(f"unknown task {task!r}: use a class ({', '.join(TASK_CLASSES)}), a class "
+                     f"index, or a synthetic task ({', '.join(synthetic.TASKS)})")
+
+
+def record_source(cfg: DataConfig) -> Callable[[int], dict]:
+    """``index -> record`` for the configured source (deterministic in index and seed)."""
+    if cfg.source == "synthetic":
+        weights = dict(cfg.tasks) or {t: 1.0 for t in synthetic.TASKS}
+        return lambda i: synthetic.generate(cfg.seed, i, weights, cfg.min_context_chars,
+                                            cfg.max_context_chars)
+    return _Jsonl(cfg.source, cfg.seed)
+
+
+class _Jsonl:
+    """Records of a jsonl file, read by byte offset; epoch e visits them in a seeded permutation."""
+
+    def __init__(self, path: str, seed: int):
+        self.path, self.seed = path, seed
+        self.offsets = []
+        with open(path, "rb") as f:
+            pos = 0
+            for line in f:
+                if line.strip():
+                    self.offsets.append(pos)
+                pos += len(line)
+        if not self.offsets:
+            raise ValueError(f"{path}: no records")
+        self._perm: Tuple[int, List[int]] = (-1, [])
+
+    def __call__(self, index: int) -> dict:
+        epoch, k = divmod(index, len(self.offsets))
+        if self._perm[0] != epoch:
+            order = list(range(len(self.offsets)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._perm = (epoch, order)
+        row = self._perm[1][k]
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[row])
+            line = f.readline()
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.path}: record {row + 1} is not JSON: {e}") from None
+        ok = isinstance(rec, dict) and ("text" in rec or all(k in rec for k in ("context", "question", "answer")))
+        if not ok:
+            raise ValueError(f"{self.path}: record {row + 1} needs context, question, answer (and "
+                             "task), or text")
+        rec.setdefault("task", "continuation" if "text" in rec else None)
+        try:
+            task_class(rec["task"])
+        except ValueError as e:
+            raise ValueError(f"{self.path}: record {row + 1}: {e}") from None
+        return rec
+
+
+def encode_record(tok, rec: dict, chat_template: bool) -> Tuple[List[int], List[int]]:
+    """``(prompt_ids, answer_ids)``; a plain document is all prompt, with EOS as its answer."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if "text" in rec:
+        return _encode(tok, rec["text"], add_bos=True), eos
+    user = f"{rec['context']}\n\n{rec['question']}"
+    if chat_template and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                       add_generation_prompt=True)
+        prompt = _encode(tok, text, add_bos=False)
+    else:
+        prompt = _encode(tok, user + "\nAnswer: ", add_bos=True)
+    return prompt, _encode(tok, rec["answer"], add_bos=False) + eos
+
+
+def _encode(tok, text: str, add_bos: bool) -> List[int]:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if add_bos and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+        ids = [tok.bos_token_id] + ids
+    return ids
+
+
+@dataclasses.dataclass
+class Pack:
+    """One micro-batch: a row of ``T`` tokens holding ``n`` sequences.
+
+    ``labels[j]`` is the token that position j predicts (the next token of its own sequence), -100
+    where there is none or it is not trained on; ``position_ids`` restart at each sequence."""
+
+    input_ids: Tensor  # int64 [T]
+    labels: Tensor  # int64 [T]
+    position_ids: Tensor  # int64 [T]
+    cu_seqlens: Tensor  # int32 [n + 1]
+    max_seqlen: int
+    tasks: Tensor  # int64 [n], class indices
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device) -> "Pack":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in
+                                            dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)})
+
+
+def make_pack(items: List[Tuple[List[int], List[int], int]], loss_on: str) -> Pack:
+    """``items``: ``(prompt_ids, answer_ids, class)`` per sequence."""
+    ids, labels, pos, cu = [], [], [], [0]
+    for prompt, answer, _ in items:
+        seq = prompt + answer
+        trained = [loss_on == "all" or j >= len(prompt) for j in range(len(seq))]
+        ids += seq
+        labels += [seq[j + 1] if trained[j + 1] else -100 for j in range(len(seq) - 1)] + [-100]
+        pos += range(len(seq))
+        cu.append(cu[-1] + len(seq))
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    return Pack(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
+                torch.tensor(pos, dtype=torch.long), torch.tensor(cu, dtype=torch.int32),
+                max(lengths), torch.tensor([c for _, _, c in items], dtype=torch.long))
+
+
+class Packer:
+    """Greedy packer over one rank's record stream: take records in order while they fit the
+    budget; the first that does not fit starts the next pack. Records longer than the budget are
+    skipped (counted in ``dropped``)."""
+
+    def __init__(self, source: Callable[[int], dict], tok, cfg: DataConfig, rank: int = 0,
+                 world: int = 1, cursor: int = 0):
+        self.source, self.tok, self.cfg = source, tok, cfg
+        self.rank, self.world = rank, world
+        self.cursor = cursor  # index in this rank's stream of the next pack's first record
+        self.dropped = 0
+        self._ahead: Optional[Tuple[int, tuple]] = None
+
+    def _item(self, k: int) -> tuple:
+        if self._ahead is not None and self._ahead[0] == k:
+            return self._ahead[1]
+        rec = self.source(k * self.world + self.rank)
+        prompt, answer = encode_record(self.tok, rec, self.cfg.chat_template)
+        item = (prompt, answer, task_class(rec["task"]))
+        self._ahead = (k, item)
+        return item
+
+    def next_pack(self) -> Pack:
+        budget, items, used, skipped = self.cfg.pack_tokens, [], 0, 0
+        while True:
+            item = self._item(self.cursor)
+            n = len(item[0]) + len(item[1])
+            if n > budget:
+                self.cursor += 1
+                self.dropped += 1
+                skipped += 1
+                if skipped >= 1000:
+                    raise ValueError(f"data: 1000 records in a row are longer than data.pack_tokens "
+                                     f"({budget}); raise it or shorten the records")
+                continue
+            if used + n > budget:
+                break
+            items.append(item)
+            used += n
+            self.cursor += 1
+        return make_pack(items, self.cfg.loss_on)
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"cursor": self.cursor, "dropped": self.dropped, "rank": self.rank, "world": self.world}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if (state["rank"], state["world"]) != (self.rank, self.world):
+            raise ValueError(f"data position saved by rank {state['rank']} of {state['world']}; this "
+                             f"is rank {self.rank} of {self.world} (resume with the same world size)")
+        self.cursor, self.dropped = state["cursor"], state["dropped"]

@@ -14,7 +14,7 @@ MAX_JOBS ?= $(shell nproc)
 TORCH_CMAKE = $(shell $(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
 PYTEST_SELECT ?= not cuda and not slow
 
-.PHONY: all venv sysdeps build test pytest ctest cuda-check bench-cpu clean
+.PHONY: all venv sysdeps build test pytest ctest cuda-check bench-cpu demo clean
 
 all: build
 
@@ -57,6 +57,11 @@ test: pytest ctest cuda-check
 
 bench-cpu: build
 	$(PY) bench/cpu_attention.py
+
+# Trains routers on SmolLM2-135M on the CPU for a few minutes, evaluates all-FA / Flux / all-SA on the
+# synthetic suite, prints the tables and writes runs/demo/<timestamp>/ (docs/demo.md).
+demo: $(STAMP) build
+	$(PY) -m flux_attention.eval.demo --config configs/smollm2_demo.yaml --out runs/demo
 
 clean:
 	rm -rf build flux_attention/_C*.so

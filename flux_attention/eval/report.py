@@ -351,7 +351,7 @@ _METRICS_NOTE = (
     "(up to the answer's length + slack tokens; RULER's string match). *tok.acc*: share of answer "
     "tokens that are the argmax under teacher forcing. *ppl*: perplexity of the prompts (held-out "
     "generated text) under each mode's routing. *SA frac*: share of (layer, sequence) decisions "
-    "Flux sent to sparse attention. Group rows average their tasks.")
+    "Flux sent to sparse attention. Group rows average their tasks, [all] all examples.")
 _SWEEP_NOTE = (
     "By prompt length: one synthetic prompt per length, prefill once and a few greedy decode steps "
     "per mode; *vs all-FA* is all-FA's time over the mode's (above 1 = faster).")

@@ -45,7 +45,9 @@ def parser() -> argparse.ArgumentParser:
                         "2048 4096: the suite's short prompts hide how the savings grow with length")
     p.add_argument("--speed-task", default="summary",
                    help="synthetic task of the --speed-lengths prompts (default summary)")
-    p.add_argument("--jsonl", help="records {context, question, answer, task} to evaluate as well")
+    p.add_argument("--jsonl", help="records {context, question, answer, task} to evaluate as well; cut "
+                                    "in the middle of the context to the largest --lengths (when given) "
+                                    "or the model's limit")
     p.add_argument("--jsonl-limit", type=int, help="evaluate only the first N jsonl records")
     p.add_argument("--modes", nargs="+", default=None,
                    help="any of fa, flux, sa (default: fa flux sa with --router, else fa sa)")
@@ -57,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
                    help="greedy generation budget beyond the answer's length (default 32 tokens: "
                         "instruct models restate the question before answering)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the synthetic examples")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="prompts without the tokenizer's chat template (for routers trained with "
+                        "data.chat_template: false)")
     p.add_argument("--out", help="directory for report.md, results.json and the plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -148,12 +153,14 @@ def main(argv=None) -> int:
     import torch
 
     import flux_attention as fa
+    from flux_attention import hf
 
     from . import report, suite
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"loading {args.model} ({parsed['dtype']}, {parsed['device']}) ...", flush=True)
+    dtype_name = str(parsed["dtype"]).replace("torch.", "")
+    print(f"loading {args.model} ({dtype_name}, {parsed['device']}) ...", flush=True)
     model, tok = suite.load_model(args.model, parsed["device"], parsed["dtype"])
     limit = getattr(model.config, "max_position_embeddings", None)
     asked = (parsed["lengths"] if parsed["tasks"] else []) + parsed["speed_lengths"]
@@ -171,15 +178,17 @@ def main(argv=None) -> int:
         if "flux" in parsed["modes"]:
             print("note: no --router: the routers are untrained (FA-biased), so Flux runs all-FA")
     model.eval()
-    rcfg = next(iter(fa.hf.routers(model).values())).config
+    rcfg = next(iter(hf.routers(model).values())).config
 
     examples = []
     if parsed["tasks"]:
         examples += suite.synthetic_examples(tok, parsed["tasks"], parsed["lengths"], args.samples,
-                                             seed=args.seed)
+                                             seed=args.seed, chat_template=not args.no_chat_template)
     if args.jsonl:
-        max_tokens = (limit or max(parsed["lengths"])) - args.gen_slack
-        examples += suite.jsonl_examples(tok, args.jsonl, max_tokens, limit=args.jsonl_limit)
+        cap = max(parsed["lengths"]) if args.lengths else (limit or max(parsed["lengths"]))
+        max_tokens = min(cap, limit - args.gen_slack) if limit else cap
+        examples += suite.jsonl_examples(tok, args.jsonl, max_tokens, limit=args.jsonl_limit,
+                                         chat_template=not args.no_chat_template)
     print(f"{len(examples)} examples x {len(parsed['modes'])} modes; SA pattern: sink "
           f"{rcfg.sink_tokens}, {rcfg.local_blocks} local blocks of {rcfg.block_size}", flush=True)
     results = suite.run_suite(model, tok, examples, parsed["modes"], gen_slack=args.gen_slack,
@@ -189,11 +198,13 @@ def main(argv=None) -> int:
         from .timing import sweep as speed_sweep
 
         sweep = speed_sweep(model, tok, parsed["speed_lengths"], parsed["modes"], task=args.speed_task,
-                            seed=args.seed, progress=not args.no_progress)
+                            seed=args.seed, chat_template=not args.no_chat_template,
+                            progress=not args.no_progress)
     meta = {
         "model": args.model, "router": args.router or "untrained (FA-biased)",
         "sa_pattern": f"sink {rcfg.sink_tokens}, local {rcfg.local_blocks} x {rcfg.block_size}",
-        "pool_size": rcfg.pool_size, "device": str(parsed["device"]), "dtype": str(parsed["dtype"]).replace("torch.", ""),
+        "pool_size": rcfg.pool_size, "device": str(parsed["device"]),
+        "dtype": dtype_name,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "examples": len(examples), "seed": args.seed,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

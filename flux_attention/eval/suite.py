@@ -165,9 +165,10 @@ def _calibrated(tr, tok, task: str, length: int, index: int, seed: int, chat_tem
 
 def jsonl_examples(tok, path: str, max_tokens: int, chat_template: bool = True,
                    limit: Optional[int] = None) -> List[Example]:
-    """Records ``{context, question, answer, task}`` of a jsonl file. A record whose prompt and
-    answer exceed ``max_tokens`` has the middle of its context cut (LongBench's truncation: the
-    start and the end, where the question sits, are kept)."""
+    """Records ``{context, question, answer, task}`` of a jsonl file, all labelled with length
+    ``max_tokens``. A record whose prompt and answer exceed ``max_tokens`` has the middle of its
+    context cut (LongBench's truncation: the start and the end, where the question sits, are
+    kept)."""
     tr = _train()
     out = []
     with open(path) as f:
@@ -179,7 +180,8 @@ def jsonl_examples(tok, path: str, max_tokens: int, chat_template: bool = True,
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {n} is not JSON: {e}") from None
-        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("context", "question", "answer")):
+        fields = ("context", "question", "answer")
+        if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in fields):
             raise ValueError(f"{path}: line {n} needs string fields context, question, answer (and task)")
         task = str(rec.get("task", "jsonl"))
         prompt, ans = tr.data.encode_record(tok, rec, chat_template)
@@ -191,7 +193,7 @@ def jsonl_examples(tok, path: str, max_tokens: int, chat_template: bool = True,
                 raise ValueError(f"{path}: line {n}: question and answer alone exceed {max_tokens} tokens")
             cut = tok.decode(ctx[: keep // 2]) + tok.decode(ctx[len(ctx) - (keep - keep // 2):])
             prompt, ans = tr.data.encode_record(tok, dict(rec, context=cut), chat_template)
-        out.append(_example(tok, task, len(prompt), n - 1, prompt, ans, rec["answer"]))
+        out.append(_example(tok, task, max_tokens, n - 1, prompt, ans, rec["answer"]))
     return out
 
 

@@ -67,7 +67,8 @@ def speed_summary(results) -> Dict[int, Dict[str, dict]]:
 
 
 def sweep(model, tok, lengths: Sequence[int], modes: Sequence[str], task: str = "summary",
-          decode_tokens: int = 8, seed: int = 1234, progress: bool = True) -> Dict[int, Dict[str, dict]]:
+          decode_tokens: int = 8, seed: int = 1234, chat_template: bool = True,
+          progress: bool = True) -> Dict[int, Dict[str, dict]]:
     """Prefill and decode time of one synthetic prompt per length (``task``), per mode: where the
     suite's short prompts hide it, this shows how the attention share, and so what sparse layers
     save, grows with length. Returns ``{length: {mode: {prefill_s, decode_ms, sa_fraction,
@@ -93,13 +94,15 @@ def sweep(model, tok, lengths: Sequence[int], modes: Sequence[str], task: str = 
             use_sparse = hf.routing_report(model).use_sparse[:, 0]
             with timed(device) as dec:
                 for _ in range(decode_tokens):
-                    nxt = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{kw: cache}).logits.argmax(-1)
+                    out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{kw: cache})
+                    nxt = out.logits.argmax(-1)
             saved = cache.memory_report()["saved_fraction"]
         return {"prefill_s": pre.seconds, "decode_ms": 1000 * dec.seconds / max(1, decode_tokens),
                 "sa_fraction": use_sparse.float().mean().item(), "kv_saved": saved,
                 "prompt_tokens": len(prompt)}
 
-    prompts = {L: synthetic_examples(tok, [task], [L], 1, seed=seed)[0].prompt for L in lengths}
+    prompts = {L: synthetic_examples(tok, [task], [L], 1, seed=seed, chat_template=chat_template)[0].prompt
+               for L in lengths}
     for mode in modes:
         run(prompts[min(lengths)], mode)
     out: Dict[int, Dict[str, dict]] = {}

@@ -5,6 +5,7 @@ the CLI (argument errors, and one end-to-end run on a tiny saved model)."""
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -39,6 +40,12 @@ def tok():
     return byte_tokenizer()
 
 
+def two_examples(tok):
+    """A retrieval-heavy and a holistic example (byte tokens: continuation needs ~1K)."""
+    return (suite.synthetic_examples(tok, ["passkey"], [300], 1)
+            + suite.synthetic_examples(tok, ["continuation"], [1000], 1))
+
+
 @pytest.fixture
 def routed():
     """A tiny model with untrained routers (its SDPA twin is the reference)."""
@@ -50,16 +57,17 @@ def routed():
 
 def test_synthetic_examples_hit_their_lengths_and_are_deterministic(tok):
     # Byte-level tokens: the fixed part of some tasks (several needles or passages) needs ~1K.
-    a = suite.synthetic_examples(tok, ["passkey", "kv_retrieval", "variable_tracking"], [400, 1200], 2, seed=7)
+    short = ["passkey", "kv_retrieval", "variable_tracking"]
+    a = suite.synthetic_examples(tok, short, [400, 1200], 2, seed=7)
     a += suite.synthetic_examples(tok, ["summary", "continuation", "multikey_needle"], [1200], 2, seed=7)
-    b = suite.synthetic_examples(tok, ["passkey", "kv_retrieval", "variable_tracking"], [400, 1200], 2, seed=7)
+    b = suite.synthetic_examples(tok, short, [400, 1200], 2, seed=7)
     assert [(e.prompt, e.answer) for e in a[:12]] == [(e.prompt, e.answer) for e in b]
     assert len(a) == 3 * 2 * 2 + 3 * 2
     for e in a:
         assert 0.85 * e.length <= len(e.prompt) <= e.length, (e.task, e.length, len(e.prompt))
         assert e.answer[-1] == tok.eos_token_id and e.text_tokens == len(e.answer) - 1
-        assert tok.decode(e.answer[:e.text_tokens]) == (" ".join(e.references) if e.task == "variable_tracking"
-                                                         else e.references[0])
+        want = " ".join(e.references) if e.task == "variable_tracking" else e.references[0]
+        assert tok.decode(e.answer[:e.text_tokens]) == want
     c = suite.synthetic_examples(tok, ["passkey"], [400], 1, seed=8)[0]
     assert c.prompt != a[0].prompt  # another seed, another context
     with pytest.raises(ValueError, match="unknown synthetic task"):
@@ -78,7 +86,8 @@ def test_fa_scores_match_an_independent_forward_and_generate(routed, tok):
     p, n = len(ex.prompt), len(ex.answer)
     ans_logits, target = logits[p - 1:p - 1 + n], torch.tensor(ex.answer)
     assert r.token_acc == pytest.approx((ans_logits.argmax(-1) == target).float().mean().item())
-    assert r.answer_nll == pytest.approx(torch.nn.functional.cross_entropy(ans_logits, target).item(), rel=1e-4)
+    want_nll = torch.nn.functional.cross_entropy(ans_logits, target).item()
+    assert r.answer_nll == pytest.approx(want_nll, rel=1e-4)
     want = torch.nn.functional.cross_entropy(logits[:p - 1], ids[0, 1:p], reduction="sum").item()
     assert r.prompt_nll_sum == pytest.approx(want, rel=1e-4) and r.prompt_nll_count == p - 1
     with torch.no_grad():
@@ -121,12 +130,14 @@ def test_jsonl_records_are_read_and_cut_to_fit(tmp_path, tok):
     path = tmp_path / "recs.jsonl"
     long_ctx = "".join(f"line {i} of a long context. " for i in range(200))
     path.write_text("\n".join(json.dumps(r) for r in [
-        {"context": "The code is 4417.", "question": "What is the code?", "answer": "4417", "task": "single_qa"},
+        {"context": "The code is 4417.", "question": "What is the code?", "answer": "4417",
+         "task": "single_qa"},
         {"context": long_ctx, "question": "What came first?", "answer": "line 0", "task": "my_task"},
     ]) + "\n\n")
     exs = suite.jsonl_examples(tok, str(path), max_tokens=600)
     assert [e.task for e in exs] == ["single_qa", "my_task"]
     assert len(exs[1].prompt) + len(exs[1].answer) <= 600 < len(long_ctx)
+    assert [e.length for e in exs] == [600, 600]
     text = tok.decode(exs[1].prompt)
     assert "line 0 of" in text and "line 199 of" in text and "What came first?" in text
     assert suite.task_group("single_qa") == "retrieval" and suite.task_group("my_task") == "other"
@@ -138,7 +149,7 @@ def test_jsonl_records_are_read_and_cut_to_fit(tmp_path, tok):
 
 def test_summary_tables_and_report_files(routed, tok, tmp_path):
     model, _ = routed
-    exs = suite.synthetic_examples(tok, ["passkey"], [300], 1) + suite.synthetic_examples(tok, ["continuation"], [1000], 1)
+    exs = two_examples(tok)
     results = suite.run_suite(model, tok, exs, ["fa", "flux", "sa"], gen_slack=2, progress=False)
     assert len(results) == 6
     s = report.summarize(results, {"model": "tiny"})
@@ -200,7 +211,8 @@ def test_cli_end_to_end_on_a_saved_tiny_model(tmp_path, tok, capsys):
     fa.attach_router(base, fa.RouterConfig(**SMALL))
     fa.save_router(base, str(tmp_path / "router.safetensors"))
     recs = tmp_path / "recs.jsonl"
-    recs.write_text(json.dumps({"context": "Remember 12.", "question": "What?", "answer": "12", "task": "qa"}) + "\n")
+    rec = {"context": "Remember 12.", "question": "What?", "answer": "12", "task": "qa"}
+    recs.write_text(json.dumps(rec) + "\n")
     out = tmp_path / "report"
     assert cli(["--model", str(model_dir), "--router", str(tmp_path / "router.safetensors"),
                 "--tasks", "passkey", "--lengths", "300", "--samples", "1", "--jsonl", str(recs),
@@ -210,12 +222,14 @@ def test_cli_end_to_end_on_a_saved_tiny_model(tmp_path, tok, capsys):
     assert "passkey" in printed and "qa" in printed and "sink 16, 2 local blocks of 16" in printed
     res = json.loads((out / "results.json").read_text())
     assert res["modes"] == ["fa", "flux", "sa"] and set(res["tasks"]) == {"passkey", "qa"}
+    assert {e["length"] for e in res["examples"] if e["task"] == "qa"} == {300}  # cut to --lengths
     assert (out / "routing_heatmap.png").exists() and (out / "speed.png").exists()
     assert set(res["sweep"]) == {"300", "600"} and res["sweep"]["600"]["sa"]["sa_fraction"] == 1.0
     assert "Speed by prompt length" in printed and "vs all-FA" in (out / "report.md").read_text()
     assert cli(["--model", str(model_dir), "--tasks", "passkey", "--lengths", "2000"]) == 2
     assert "exceed the model's limit of 1024" in capsys.readouterr().err
-    assert cli(["--model", str(model_dir), "--tasks", "passkey", "--lengths", "300", "--speed-lengths", "4096"]) == 2
+    assert cli(["--model", str(model_dir), "--tasks", "passkey", "--lengths", "300",
+                "--speed-lengths", "4096"]) == 2
     assert "lengths [4096] exceed" in capsys.readouterr().err
 
 
@@ -223,13 +237,14 @@ def test_demo_verdict_reads_the_numbers(routed, tok):
     from flux_attention.eval.demo import _verdict
 
     model, _ = routed
-    exs = suite.synthetic_examples(tok, ["passkey"], [300], 1) + suite.synthetic_examples(tok, ["continuation"], [1000], 1)
+    exs = two_examples(tok)
     s = report.summarize(suite.run_suite(model, tok, exs, ["fa", "flux"], gen_slack=0, progress=False))
     text = _verdict(s)
     assert "Flux sent 0% of the (layer, sequence) decisions" in text
     assert "(0% on retrieval-heavy tasks, 0% on holistic ones)" in text
     assert "same for every input" in text and "all-FA" in text and "all-SA" not in text
-    assert _verdict(report.summarize(suite.run_suite(model, tok, exs[:1], ["fa"], gen_slack=0, progress=False))) == ""
+    fa_only = suite.run_suite(model, tok, exs[:1], ["fa"], gen_slack=0, progress=False)
+    assert _verdict(report.summarize(fa_only)) == ""
 
 
 def test_demo_rejects_a_bad_config_override(capsys):
@@ -237,3 +252,27 @@ def test_demo_rejects_a_bad_config_override(capsys):
 
     assert demo(["--train.stepz=3"]) == 2
     assert "unknown key 'train.stepz'" in capsys.readouterr().err
+
+
+def test_demo_end_to_end_on_the_tiny_config_stops_at_its_time_budget(tmp_path, capsys):
+    from flux_attention.eval.demo import main as demo
+
+    assert demo(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--out", str(tmp_path),
+                 "--train.steps=100000", "--max-train-s", "1.5", "--tasks", "passkey", "--lengths", "300",
+                 "--samples", "1", "--speed-lengths", "300", "--gen-slack", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"stopped by the time budget after \d+ of 100000 steps", printed)
+    (run,) = tmp_path.iterdir()
+    names = sorted(p.name for p in run.iterdir())
+    for name in ("metrics.jsonl", "report.md", "results.json", "router.safetensors", "routing_heatmap.png",
+                 "speed.png", "train_config.yaml", "training.png"):
+        assert name in names
+    steps = int(re.search(r"after (\d+) of", printed).group(1))
+    assert any(p.name == f"step-{steps:08d}" for p in (run / "checkpoint").iterdir())
+    base = tiny()
+    assert fa.load_router(base, str(run / "router.safetensors")).loaded == 20
+    assert demo(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--tasks", "riddles"]) == 2
+    assert "unknown synthetic task" in capsys.readouterr().err
+    assert demo(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--modes", "fa", "half"]) == 2
+    assert "--modes: choose from fa, flux, sa" in capsys.readouterr().err
+    assert "# Flux Attention demo: random on cpu" in (run / "report.md").read_text()

@@ -71,60 +71,68 @@ def with_backward(fn):
     return run
 
 
-def bench_dense(quick):
+# --quick: the acceptance shapes of issue 3 only, as (D, causal, S, with backward).
+QUICK_DENSE = [(128, True, 8192, True), (128, True, 32768, True), (128, False, 16384, False),
+               (64, True, 8192, False)]
+
+
+def dense_cases(quick, fwd_only):
+    if quick:
+        cases = QUICK_DENSE
+    else:
+        cases = [(d, causal, s, bwd) for d in (128, 64) for causal in (True, False)
+                 for s in (1024, 4096, 8192, 16384, 32768) for bwd in (False, True)]
+    return [(d, c, s, bwd) for d, c, s, bwd in cases if not (fwd_only and bwd)]
+
+
+def bench_dense(quick, fwd_only=False, flex=True):
     rows, records = [], []
-    seqs = [8192, 32768] if quick else [1024, 4096, 8192, 16384, 32768]
-    dims = [128] if quick else [128, 64]
-    for d in dims:
-        for causal in (True, False):
-            for s in seqs:
-                b = max(1, TOKENS // s)
-                for bwd in (False, True):
-                    if quick and (not causal and bwd):
-                        continue
-                    q, k, v = make_inputs(b, s, d, grad=bwd)
-                    flops = 4 * b * s * s * HQ * d * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
-                    impls = {
-                        "flux": lambda: fa.full_attention(q, k, v, causal=causal),
-                        "sdpa_cudnn": sdpa_fn(torch.nn.attention.SDPBackend.CUDNN_ATTENTION, q, k, v, causal),
-                        "sdpa_flash": sdpa_fn(torch.nn.attention.SDPBackend.FLASH_ATTENTION, q, k, v, causal),
-                    }
-                    if not quick:
-                        mm = (lambda b_, h_, qi, ki: qi >= ki) if causal else (lambda b_, h_, qi, ki: qi >= 0)
-                        impls["flex"] = flex_fn(q, k, v, mm, s)
-                    res = {}
-                    for name, fn in impls.items():
-                        try:
-                            res[name] = time_ms(with_backward(fn) if bwd else fn)["median_ms"]
-                        except Exception as e:  # an anchor backend may not support a shape
-                            print(f"  {name} failed at D={d} S={s}: {type(e).__name__}: {e}")
-                            res[name] = float("nan")
-                    tf = {n: flops / (ms * 1e-3) / 1e12 for n, ms in res.items()}
-                    rec = dict(d=d, s=s, b=b, causal=causal, bwd=bwd, ms=res, tflops=tf,
-                               vs_cudnn=res["sdpa_cudnn"] / res["flux"])
-                    records.append(rec)
-                    rows.append([d, s, b, "causal" if causal else "full", "fwd+bwd" if bwd else "fwd",
-                                 res["flux"], tf["flux"], tf["sdpa_cudnn"], tf["sdpa_flash"],
-                                 tf.get("flex", float("nan")), rec["vs_cudnn"]])
-                    del q, k, v
+    for d, causal, s, bwd in dense_cases(quick, fwd_only):
+        b = max(1, TOKENS // s)
+        q, k, v = make_inputs(b, s, d, grad=bwd)
+        flops = 4 * b * s * s * HQ * d * (0.5 if causal else 1.0) * (3.5 if bwd else 1.0)
+        impls = {
+            "flux": lambda: fa.full_attention(q, k, v, causal=causal),
+            "sdpa_cudnn": sdpa_fn(torch.nn.attention.SDPBackend.CUDNN_ATTENTION, q, k, v, causal),
+            "sdpa_flash": sdpa_fn(torch.nn.attention.SDPBackend.FLASH_ATTENTION, q, k, v, causal),
+        }
+        if flex and not quick:
+            mm = (lambda b_, h_, qi, ki: qi >= ki) if causal else (lambda b_, h_, qi, ki: qi >= 0)
+            impls["flex"] = flex_fn(q, k, v, mm, s)
+        res = {}
+        for name, fn in impls.items():
+            try:
+                res[name] = time_ms(with_backward(fn) if bwd else fn)["median_ms"]
+            except Exception as e:  # an anchor backend may not support a shape
+                print(f"  {name} failed at D={d} S={s}: {type(e).__name__}: {e}")
+                res[name] = float("nan")
+        tf = {n: flops / (ms * 1e-3) / 1e12 for n, ms in res.items()}
+        rec = dict(d=d, s=s, b=b, causal=causal, bwd=bwd, ms=res, tflops=tf,
+                   vs_cudnn=res["sdpa_cudnn"] / res["flux"])
+        records.append(rec)
+        rows.append([d, s, b, "causal" if causal else "full", "fwd+bwd" if bwd else "fwd",
+                     res["flux"], tf["flux"], tf["sdpa_cudnn"], tf["sdpa_flash"],
+                     tf.get("flex", float("nan")), rec["vs_cudnn"]])
+        del q, k, v
     print("\nDense attention (TFLOP/s; ratio = cuDNN time / ours, > 1 means we are faster)")
     print_table(["D", "S", "B", "mask", "pass", "ours ms", "ours", "cudnn", "flash", "flex", "ratio"], rows)
     return records
 
 
-def bench_sparse(quick):
+def bench_sparse(quick, fwd_only=False, flex=True):
     rows, records = [], []
     sink, local, bs = 128, 16, 128
-    seqs = [32768] if quick else [8192, 32768, 131072]
+    seqs = [32768] if quick else [8192, 16384, 32768, 65536, 131072]
     for s in seqs:
-        for bwd in ((False,) if quick else (False, True)):
+        for bwd in ((False,) if quick or fwd_only else (False, True)):
             q, k, v = make_inputs(1, s, 128, grad=bwd)
             pairs = streaming_pairs(s, sink, local, bs)
             flops = 4 * pairs * HQ * 128 * (3.5 if bwd else 1.0)
             mm = lambda b_, h_, qi, ki: (qi >= ki) & ((ki < sink) | (ki // bs >= qi // bs - (local - 1)))  # noqa: E731
             impls = {"flux": lambda: fa.sparse_attention(q, k, v, sink_tokens=sink, local_blocks=local,
-                                                         block_size=bs),
-                     "flex": flex_fn(q, k, v, mm, s)}
+                                                         block_size=bs)}
+            if flex:
+                impls["flex"] = flex_fn(q, k, v, mm, s)
             res = {}
             for name, fn in impls.items():
                 try:
@@ -133,9 +141,9 @@ def bench_sparse(quick):
                     print(f"  {name} failed at S={s}: {type(e).__name__}: {e}")
                     res[name] = float("nan")
             tf = {n: flops / (ms * 1e-3) / 1e12 for n, ms in res.items()}
-            records.append(dict(s=s, bwd=bwd, ms=res, tflops_visited=tf, vs_flex=res["flex"] / res["flux"]))
-            rows.append([s, "fwd+bwd" if bwd else "fwd", res["flux"], res["flex"], tf["flux"],
-                         res["flex"] / res["flux"]])
+            flex_ms = res.get("flex", float("nan"))
+            records.append(dict(s=s, bwd=bwd, ms=res, tflops_visited=tf, vs_flex=flex_ms / res["flux"]))
+            rows.append([s, "fwd+bwd" if bwd else "fwd", res["flux"], flex_ms, tf["flux"], flex_ms / res["flux"]])
             del q, k, v
     print("\nStreaming sparse attention, B=1, D=128 (TFLOP/s over visited pairs; ratio = flex / ours)")
     print_table(["S", "pass", "ours ms", "flex ms", "ours TF/s", "ratio"], rows)
@@ -145,15 +153,19 @@ def bench_sparse(quick):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer shapes, no FlexAttention compile for dense")
+    ap.add_argument("--fwd-only", action="store_true", help="forward passes only")
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes minutes)")
+    ap.add_argument("--name", default="h200_attention", help="results file name (without .json)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", ""))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
-    dense = bench_dense(args.quick)
-    sparse = bench_sparse(args.quick)
+    dense = bench_dense(args.quick, args.fwd_only, not args.no_flex)
+    sparse = bench_sparse(args.quick, args.fwd_only, not args.no_flex)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    write_results("h200_attention", {"quick": args.quick, "dense": dense, "sparse": sparse},
-                  [os.path.join(root, "bench", "results"), args.out_dir])
+    env = {k: os.environ[k] for k in ("FLUX_DISABLE_SM90", "FLUX_SM90_PINGPONG") if k in os.environ}
+    write_results(args.name, {"quick": args.quick, "fwd_only": args.fwd_only, "env": env, "dense": dense,
+                              "sparse": sparse}, [os.path.join(root, "bench", "results"), args.out_dir])
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 #include "cuda_utils.cuh"
 #include "flux/launch.h"
 #include "flux/streaming.h"
+#include "sm90/launch_sm90.h"
 
 namespace flux {
 namespace {
@@ -213,8 +214,17 @@ cudaError_t run_attention_fwd(AttnFwdParams& params, cudaStream_t stream) {
   if (ceil_div<int64_t>(params.seqlen_q, FwdTraits<float, 32>::kBlockM) > int64_t(0x7fffffff)) {
     return cudaErrorInvalidValue;
   }
-  // Kernel choice: the portable mma.sync kernel for every dtype / head dim. Architecture-specific
-  // kernels (sm90 wgmma/TMA) slot in here, ahead of it, behind the same launcher.
+  // Kernel choice, the only one for the forward: the sm_90a kernel (wgmma + TMA, warp-specialised)
+  // for 16-bit dtypes at head_dim 64 / 128 on Hopper; the portable mma.sync kernel otherwise.
+  if (sm90::fwd_sm90_supported(params)) {
+    const bool bf16 = params.dtype == DataType::kBFloat16;
+    if (params.head_dim == 128) {
+      return bf16 ? sm90::run_attention_fwd_sm90<__nv_bfloat16, 128>(params, stream)
+                  : sm90::run_attention_fwd_sm90<__half, 128>(params, stream);
+    }
+    return bf16 ? sm90::run_attention_fwd_sm90<__nv_bfloat16, 64>(params, stream)
+                : sm90::run_attention_fwd_sm90<__half, 64>(params, stream);
+  }
   return attn::dispatch_dtype_head_dim(params.dtype, params.head_dim, [&](auto tag, auto hd) {
     using T = typename decltype(tag)::type;
     return run_attention_fwd_mma<T, decltype(hd)::value>(params, stream);

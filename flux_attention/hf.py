@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .cache import FluxCache
+from .mix import routed_mix
 from .router import LayerRouter, RouterConfig
 
 __all__ = [
@@ -209,11 +210,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, cfg: RouterConfig, scale: Optional[
                "block_size": cfg.block_size}
     if z is None:
         return ops.flux_attention(q, k, v, use_sparse, **kw, **pattern)[0]
-    fa = ops.full_attention(q, k, v, causal=True, **kw)[0]
-    sa = ops.sparse_attention(q, k, v, **kw, **pattern)[0]
-    zt = (z[vq.seq] if vq is not None else z).to(fa.dtype)
-    zt = zt.view(-1, *([1] * (fa.dim() - 1)))
-    return zt * fa + (1 - zt) * sa
+    # Both forwards, the backward of the taken branch only (z is hard): see flux_attention.mix.
+    return routed_mix(q, k, v, z, **kw, **pattern)
 
 
 def _record(module: nn.Module, z: Tensor, use_sparse: Tensor, learned: bool) -> None:

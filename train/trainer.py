@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import signal
 import time
 from typing import Dict
@@ -27,6 +28,10 @@ from .model import all_full_attention, build_model
 from .parallel import all_reduce_grads, all_reduce_sum, close, init_distributed, shard_frozen_base
 
 __all__ = ["Trainer"]
+
+# What gloo says when a peer is gone or silent (NCCL raises DistBackendError or its watchdog ends
+# the process after dist.timeout_s).
+_COLLECTIVE_FAILURE = re.compile(r"[Tt]imed out|Connection (closed|reset) by peer|gloo", re.IGNORECASE)
 
 
 def _schedule(cfg: JobConfig):
@@ -130,7 +135,9 @@ class Trainer:
             self.step += 1
             try:
                 record = self.train_step()
-            except dist.DistError as e:
+            except RuntimeError as e:  # gloo raises RuntimeError, NCCL DistBackendError (a subclass)
+                if not (isinstance(e, dist.DistError) or _COLLECTIVE_FAILURE.search(str(e))):
+                    raise
                 raise RuntimeError(
                     f"rank {self.world.rank}: step {self.step}: a collective failed or did not finish "
                     f"within dist.timeout_s={self.cfg.dist.timeout_s} s; another rank has died or "

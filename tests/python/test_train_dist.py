@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -24,7 +25,7 @@ PYTHON = sys.executable
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
-def _run(tmp, name, nproc, *extra, steps=4):
+def _run(tmp, name, nproc, *extra, steps=3):
     launcher = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] \
         if nproc > 1 else [PYTHON]
     args = launcher + ["-m", "train", "--config", TINY, f"--checkpoint.dir={tmp}/{name}/ckpt",
@@ -56,7 +57,7 @@ def test_context_parallel_two_ranks_matches_one(tmp_path):
     out = _done(cp)
     _done(one)
     a, b = _records(tmp_path / "cp2/metrics.jsonl"), _records(tmp_path / "cp1/metrics.jsonl")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
         # the same decisions in every layer (per-layer SA fractions are counts of decisions)
         assert a[step]["sa_fraction_per_layer"] == b[step]["sa_fraction_per_layer"], step
@@ -78,7 +79,7 @@ def test_fsdp_shards_the_base_and_trains_like_replicated(tmp_path):
     assert m, out
     assert 0 < int(m.group(1)) < int(m.group(2))
     a, b = _records(tmp_path / "fsdp/metrics.jsonl"), _records(tmp_path / "ddp/metrics.jsonl")
-    for step in (1, 2, 3, 4):
+    for step in (1, 2, 3):
         for key in ("loss", "lm_loss", "reg_loss", "grad_norm", "sa_fraction_per_layer"):
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-6, abs=1e-7), (step, key)
 
@@ -90,16 +91,27 @@ def _workers(pid):
 
 def test_stuck_rank_ends_the_job_with_a_clear_error(tmp_path):
     proc = _run(tmp_path, "stuck", 2, "--dist.timeout_s=5", steps=10_000)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     path = tmp_path / "stuck/metrics.jsonl"
-    deadline = time.time() + 90
+    deadline = time.time() + 120
     while not (path.exists() and _records(path)):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
+        assert proc.poll() is None and time.time() < deadline, "".join(lines)
         time.sleep(0.05)
     workers = sorted(_workers(proc.pid))
     os.kill(workers[-1], signal.SIGSTOP)  # rank 1 freezes: alive, but never joins a collective again
     start = time.time()
+    message = re.compile(r"did not finish within dist.timeout_s=5 s; another rank has died or hangs")
     try:
-        out, _ = proc.communicate(timeout=90)
+        while not any(message.search(line) for line in list(lines)):
+            assert time.time() - start < 60, "".join(lines)
+            time.sleep(0.05)
+        detected = time.time() - start
+        # torchrun now stops the job; let the frozen rank take its SIGTERM instead of waiting out
+        # torchrun's 30 s grace period before SIGKILL.
+        os.kill(workers[-1], signal.SIGCONT)
+        proc.wait(timeout=90)
     finally:
         for pid in workers:
             try:
@@ -107,9 +119,9 @@ def test_stuck_rank_ends_the_job_with_a_clear_error(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    reader.join(timeout=10)
     assert proc.returncode != 0
-    assert time.time() - start < 80
-    assert re.search(r"did not finish within dist.timeout_s=5 s; another rank has died or hangs", out), out
+    assert detected < 5 + 30, detected  # the timeout plus the step in flight
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def worker(args, overrides) -> dict:
             if i == args.warmup and cuda:
                 torch.cuda.reset_peak_memory_stats(w.device)
             trainer.step += 1
-            if args.count_syncs and cuda and i == args.warmup:
+            if args.count_syncs and cuda and i == 0:  # the first (warmup) step: its timing is not used
                 record, n, where = _count_syncs(trainer.train_step)
                 sync_info = {"syncs_per_step": n, "where": where[:20]}
             else:
@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="", help="override train.device (cpu for a plumbing run)")
     p.add_argument("--time-budget-s", type=float, default=0.0,
                    help="stop timing once the next step would pass this many seconds (0: no limit)")
-    p.add_argument("--count-syncs", action="store_true", help="count host syncs in one step (CUDA)")
+    p.add_argument("--count-syncs", action="store_true",
+                   help="count host syncs in the first (untimed) step under CUDA sync debug mode")
     p.add_argument("--name", default="", help="results name (default: train_<config>)")
     p.add_argument("--out", default="", help="also write the JSON and table here")
     p.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"))

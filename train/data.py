@@ -221,7 +221,14 @@ class Pack:
         return self.input_ids.numel()
 
     def to(self, device) -> "Pack":
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in
+        """The tensors on ``device``; to CUDA from pinned memory without blocking the host (a
+        pageable copy would wait for the queued work of the previous step)."""
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+
+        def move(t: Tensor) -> Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in
                                             dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)})
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Multipliers", "head_loss", "sparsity_loss"]
+__all__ = ["Multipliers", "head_loss", "sparsity_loss", "class_onehot"]
 
 
 class Multipliers(nn.Module):
@@ -111,12 +111,17 @@ def sparsity_loss(s: Tensor, tasks: Tensor, mult: Multipliers, targets: Sequence
     averaged within each task class present, then over those classes.
 
     ``s [n]`` is the SA fraction of each sequence (``flux_attention.collect_sparsity``), ``tasks [n]``
-    their class indices. Per-class sums by ``index_add`` (no host sync)."""
+    their class indices. No host sync."""
     target = torch.tensor(targets, dtype=s.dtype, device=s.device)[tasks]
     diff = s - target
     per_seq = mult.lambda1[tasks] * diff.abs() + mult.lambda2[tasks] * diff.pow(2)
-    classes = mult.lambda1.shape[0]
-    sums = per_seq.new_zeros(classes).index_add(0, tasks, per_seq)
-    counts = torch.zeros(classes, dtype=per_seq.dtype, device=s.device).index_add(0, tasks, torch.ones_like(per_seq))
+    onehot = class_onehot(tasks, mult.lambda1.shape[0], per_seq.dtype)
+    sums, counts = per_seq @ onehot, onehot.sum(0)
     present = (counts > 0).to(per_seq.dtype)
     return (sums / counts.clamp(min=1)).sum() / present.sum()
+
+
+def class_onehot(tasks: Tensor, classes: int, dtype: torch.dtype) -> Tensor:
+    """``[n, classes]`` one-hot of the class indices: per-class sums as a matmul, which unlike
+    ``index_add`` on CUDA has no atomics (bitwise-repeatable losses)."""
+    return (tasks[:, None] == torch.arange(classes, device=tasks.device)[None]).to(dtype)

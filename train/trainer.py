@@ -5,6 +5,7 @@ forward/backward, gradient all-reduce, clip, optimiser steps, log."""
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import signal
@@ -22,7 +23,7 @@ from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import TASK_CLASSES, JobConfig
 from .context_parallel import enable_context_parallel, local_shard
 from .data import Pack, Packer, record_source
-from .loss import Multipliers, head_loss, sparsity_loss
+from .loss import Multipliers, class_onehot, head_loss, sparsity_loss
 from .metrics import MetricsLogger, peak_memory_gib
 from .model import all_full_attention, build_model
 from .parallel import all_reduce_grads, all_reduce_sum, close, init_distributed, shard_frozen_base
@@ -49,11 +50,12 @@ def _schedule(cfg: JobConfig):
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+            torch.use_deterministic_algorithms(True)
         self.world = w = init_distributed(cfg.train.device, cfg.dist.timeout_s, cfg.dist.context_parallel)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
         self.model, self.tok, self.qkv = build_model(cfg, w.device)
         self.router_cfg = cfg.router_config()
         self.layers = sorted(hf.routers(self.model))
@@ -185,12 +187,14 @@ class Trainer:
         loss = loss_sum / labelled + reg * share  # this rank's share of the pack's loss
         (loss / cfg.train.grad_accum).backward()
         sd = s.detach().double() * share
-        stats[:6] += torch.stack([loss.detach().double(), ce.double() / labelled, kl.double() / labelled,
-                                  reg.detach().double() * share,
-                                  torch.tensor(pack.real_tokens * share, dtype=torch.float64, device=w.device),
-                                  torch.tensor(share, dtype=torch.float64, device=w.device)])
-        stats[6:6 + c] += torch.zeros_like(stats[:c]).index_add_(0, local.tasks, sd)
-        stats[6 + c:6 + 2 * c] += torch.zeros_like(stats[:c]).index_add_(0, local.tasks, torch.full_like(sd, share))
+        # Device-side sums with host scalars as kernel arguments: no copy, no sync.
+        stats[:4] += torch.stack([loss.detach().double(), ce.double() / labelled, kl.double() / labelled,
+                                  reg.detach().double() * share])
+        stats[4] += pack.real_tokens * share
+        stats[5] += share
+        onehot = class_onehot(local.tasks, c, torch.float64)
+        stats[6:6 + c] += sd @ onehot
+        stats[6 + c:6 + 2 * c] += onehot.sum(0) * share
 
     def train_step(self) -> Dict:
         cfg, w, model = self.cfg, self.world, self.model

@@ -31,7 +31,7 @@ from flux_attention import hf
 
 from .data import Pack
 
-__all__ = ["enable_context_parallel", "local_shard", "seq_to_heads", "heads_to_seq"]
+__all__ = ["enable_context_parallel", "local_shard", "check_same_decisions", "seq_to_heads", "heads_to_seq"]
 
 IMPLEMENTATION = "flux_cp"
 _group = None  # the context-parallel process group of this rank (set by enable_context_parallel)
@@ -177,3 +177,14 @@ def local_shard(pack: Pack, cp_rank: int, cp: int) -> Pack:
     part = slice(cp_rank * t, (cp_rank + 1) * t)
     return dataclasses.replace(pack, input_ids=pack.input_ids[part], labels=pack.labels[part],
                                position_ids=pack.position_ids[part])
+
+
+def check_same_decisions(use_sparse: Tensor, world) -> None:
+    """Raise unless every rank of this rank's context-parallel group routed as it did (one small
+    all-reduce): a mismatch would mix FA and SA heads within one layer."""
+    mine = use_sparse.to(world.device, torch.float32)
+    top = mine.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=world.cp_group)
+    if not torch.equal(mine, top):
+        raise RuntimeError(f"rank {world.rank}: the ranks of its context-parallel group routed "
+                           "differently; they must share train.seed and see the same pack")

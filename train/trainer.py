@@ -21,12 +21,13 @@ from flux_attention import hf
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import TASK_CLASSES, JobConfig
-from .context_parallel import enable_context_parallel, local_shard
+from .context_parallel import check_same_decisions, enable_context_parallel, local_shard
 from .data import Pack, Packer, record_source
-from .loss import Multipliers, class_onehot, head_loss, sparsity_loss
+from .loss import Multipliers, head_loss, sparsity_loss
 from .metrics import MetricsLogger, peak_memory_gib
 from .model import all_full_attention, build_model
 from .parallel import all_reduce_grads, all_reduce_sum, close, init_distributed, shard_frozen_base
+from .step_stats import StepStats
 
 __all__ = ["Trainer"]
 
@@ -166,35 +167,28 @@ class Trainer:
             input_ids=pack.input_ids[None], position_ids=pack.position_ids[None], cu_seq_lens_q=device_cu,
             max_length_q=pack.max_seqlen, use_cache=False).last_hidden_state[0]
 
-    def _micro_step(self, pack: Pack, stats: torch.Tensor) -> None:
-        """Forward and backward of one pack; adds this rank's share of the pack's statistics to
-        ``stats`` on the device (no host sync)."""
-        cfg, w, c = self.cfg, self.world, len(TASK_CLASSES)
-        share = 1.0 / w.cp  # pack-level quantities: each rank of the group holds 1/cp of them
+    def _micro_step(self, pack: Pack, stats: StepStats) -> None:
+        """Forward and backward of one pack (this rank's share of it)."""
+        cfg, w = self.cfg, self.world
+        share = 1.0 / w.cp  # each rank of a context-parallel group holds 1/cp of the pack
         local = (local_shard(pack, w.cp_rank, w.cp) if w.cp > 1 else pack).to(w.device)
-        cu = local.cu_seqlens
         teacher = None
         if cfg.loss.kl_weight:
             with torch.no_grad(), all_full_attention(self.model):
-                teacher = self._forward(local, cu)
-        hidden = self._forward(local, cu)
+                teacher = self._forward(local, local.cu_seqlens)
+        hidden = self._forward(local, local.cu_seqlens)
         loss_sum, ce, kl = head_loss(self.model.get_output_embeddings(), hidden, local.labels,
                                      cfg.loss.logit_chunk, cfg.loss.lm_weight, cfg.loss.kl_weight, teacher)
-        n_real = local.tasks.numel()
-        s = fa.collect_sparsity(self.model)[:n_real]
+        s = fa.collect_sparsity(self.model)[:local.tasks.numel()]  # the pad sequence is not trained
         reg = sparsity_loss(s, local.tasks, self.mult, cfg.loss.targets)
         labelled = max(pack.labelled, 1)
-        loss = loss_sum / labelled + reg * share  # this rank's share of the pack's loss
+        loss = loss_sum / labelled + reg * share  # the group's shares sum to the pack's loss
         (loss / cfg.train.grad_accum).backward()
-        sd = s.detach().double() * share
-        # Device-side sums with host scalars as kernel arguments: no copy, no sync.
-        stats[:4] += torch.stack([loss.detach().double(), ce.double() / labelled, kl.double() / labelled,
-                                  reg.detach().double() * share])
-        stats[4] += pack.real_tokens * share
-        stats[5] += share
-        onehot = class_onehot(local.tasks, c, torch.float64)
-        stats[6:6 + c] += sd @ onehot
-        stats[6 + c:6 + 2 * c] += onehot.sum(0) * share
+        stats.add_pack(share, loss, ce, kl, reg, s, local.tasks, labelled, pack.real_tokens)
+        decisions = hf.routing_report(self.model).use_sparse[:, :local.tasks.numel()]
+        stats.add_decisions(decisions, share)
+        if w.cp > 1:
+            check_same_decisions(decisions, w)
 
     def train_step(self) -> Dict:
         cfg, w, model = self.cfg, self.world, self.model
@@ -203,18 +197,9 @@ class Trainer:
         fa.set_router_temperature(model, tau)
         self.opt.zero_grad(set_to_none=True)
         self.lambda_opt.zero_grad(set_to_none=True)
-        c, n_layers = len(TASK_CLASSES), len(self.layers)
-        # loss, ce, kl, reg, tokens, packs | SA sum per class | count per class | SA per layer
-        stats = torch.zeros(6 + 2 * c + n_layers, dtype=torch.float64, device=w.device)
-        per_layer = torch.zeros(n_layers, dtype=torch.float64)
+        stats = StepStats(TASK_CLASSES, len(self.layers), w.device)
         for _ in range(cfg.train.grad_accum):
-            pack = self.packer.next_pack()
-            self._micro_step(pack, stats)
-            decisions = hf.routing_report(model).use_sparse[:, :pack.tasks.numel()]
-            per_layer += decisions.double().mean(1) / w.cp
-            if w.cp > 1:
-                self._check_same_decisions(decisions)
-        stats[6 + 2 * c:] += per_layer.to(w.device)
+            self._micro_step(self.packer.next_pack(), stats)
         trainable = self.router_params + self.qkv
         all_reduce_grads(trainable + list(self.mult.parameters()), w)
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
@@ -223,34 +208,16 @@ class Trainer:
         self.lambda_opt.step()
         self.sched.step()
         self.lambda_sched.step()
-        stats = all_reduce_sum(stats, w).cpu()
+        record = stats.finish(w)
         elapsed = time.perf_counter() - start
-        packs = stats[5].item()
-        per_class, counts = stats[6:6 + c], stats[6 + c:6 + 2 * c]
-        names = TASK_CLASSES
-        return {
-            "loss": stats[0].item() / packs, "lm_loss": stats[1].item() / packs, "kl_loss": stats[2].item() / packs,
-            "reg_loss": stats[3].item() / packs,
-            "sa_fraction": (per_class.sum() / counts.sum()).item(),
-            "sa_fraction_per_task": {names[i]: (per_class[i] / counts[i]).item() for i in range(c) if counts[i] > 0},
-            "sa_fraction_per_layer": (stats[6 + 2 * c:] / packs).tolist(),
-            "lambda1": dict(zip(names, self.mult.lambda1.detach().cpu().tolist())),
-            "lambda2": dict(zip(names, self.mult.lambda2.detach().cpu().tolist())),
-            "tau": tau, "lr": lr, "grad_norm": norm.item(), "tokens": int(round(stats[4].item())),
-            "step_time_s": elapsed, "tokens_per_s": stats[4].item() / elapsed,
-            "tokens_per_s_per_device": stats[4].item() / elapsed / w.size,
+        record.update({
+            "lambda1": dict(zip(TASK_CLASSES, self.mult.lambda1.detach().cpu().tolist())),
+            "lambda2": dict(zip(TASK_CLASSES, self.mult.lambda2.detach().cpu().tolist())),
+            "tau": tau, "lr": lr, "grad_norm": norm.item(), "step_time_s": elapsed,
+            "tokens_per_s": record["tokens"] / elapsed, "tokens_per_s_per_device": record["tokens"] / elapsed / w.size,
             "peak_mem_gib": peak_memory_gib(w.device),
-        }
-
-    def _check_same_decisions(self, decisions: torch.Tensor) -> None:
-        """The ranks of a context-parallel group must have routed identically (same pooled input,
-        same Gumbel draws); a mismatch would mix FA and SA heads within one layer."""
-        mine = decisions.to(self.world.device, torch.float32)
-        top = mine.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.world.cp_group)
-        if not torch.equal(mine, top):
-            raise RuntimeError(f"rank {self.world.rank}: the ranks of its context-parallel group routed "
-                               "differently; they must share train.seed and see the same pack")
+        })
+        return record
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._old_handler)

@@ -577,7 +577,9 @@ def routing_report(model: nn.Module) -> RoutingReport:
     missing = [m.layer_idx for m in mods if "_flux_route" not in m.__dict__]
     if missing:
         raise RuntimeError(f"routing_report: layers {missing} have not routed a prefill yet")
-    use_sparse = torch.stack([m._flux_route["use_sparse"].cpu() for m in mods])
+    flags = [m._flux_route["use_sparse"] for m in mods]
+    # One device-to-host copy for all layers (one sync, not one per layer).
+    use_sparse = torch.stack([f.to(flags[0].device) for f in flags]).cpu()
     return RoutingReport(
         layers=[m.layer_idx for m in mods],
         use_sparse=use_sparse,

@@ -203,6 +203,11 @@ def _coerce(hint, value, path: str, source: str):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)

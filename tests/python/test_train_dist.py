@@ -229,3 +229,53 @@ def test_train_throughput_bench_plumbing(tmp_path):
     assert r["tokens_per_step"] == 2048 and r["docs_per_pack"] == 2 and r["timed_steps"] == 1
     assert r["tokens_per_s_per_device"] > 0 and r["flops_per_pack"]["total"] > 0
     assert "tokens/s/device" in out.stdout and (tmp_path / "plumbing.md").exists()
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["--dist.context_parallel=0"], "dist.context_parallel"),
+    (["--dist.context_parallel=3"], "data.pack_tokens"),  # 2048 tokens do not split over 3 ranks
+    (["--loss.kl_weight=-1"], "loss.kl_weight"),
+    (["--loss.lm_weight=0"], "loss.lm_weight"),
+    (["--dist.fsdp=true", "--model.train_qkv=true"], "dist.fsdp"),
+    (["--data.source=records.csv"], "data.source"),
+])
+def test_new_config_keys_are_validated(overrides, key):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    assert key in str(e.value) and TINY in str(e.value)
+
+
+def test_grad_accumulation_averages_the_packs(tmp_path, one_thread):
+    """One step over 2 packs has the mean of the gradients of 2 steps over 1 pack each (the
+    learning rates so small that the weights do not move, a constant temperature)."""
+    from flux_attention import hf
+
+    still = ["--optim.lr=1e-30", "--loss.lambda_lr=1e-30", "--router.tau_max=1.0", "--router.tau_min=1.0",
+             "--optim.grad_clip=0"]
+
+    def grads(trainer):
+        return [p.grad.clone() for r in hf.routers(trainer.model).values() for p in r.parameters()] + \
+            [p.grad.clone() for p in trainer.mult.parameters()]
+
+    two = _trainer(tmp_path / "a", "--train.grad_accum=2", *still)
+    try:
+        two.step = 1
+        r2 = two.train_step()
+        g_two = grads(two)
+    finally:
+        two.close()
+    one = _trainer(tmp_path / "b", *still)
+    try:
+        per_step, losses = [], []
+        for step in (1, 2):
+            one.step = step
+            losses.append(one.train_step()["loss"])
+            per_step.append(grads(one))
+    finally:
+        one.close()
+    assert r2["tokens"] > 0 and r2["loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    for a, b, c in zip(g_two, *per_step):
+        torch.testing.assert_close(a, (b + c) / 2, rtol=1e-5, atol=1e-9)
+    assert any(g.abs().sum() > 0 for g in g_two)

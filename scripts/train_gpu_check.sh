@@ -11,6 +11,12 @@
 # 2. Kill/resume on configs/tiny_cuda.yaml (deterministic): SIGKILL after step 7 of 12, resume,
 #    resumed losses bitwise equal to an uninterrupted run. ~40 s.
 # 3. CUDA unit tests of the training blocks (routed mix, fused head loss) vs float64 references. ~20 s.
+#
+# On 2 or 4 GPUs (not part of this script):
+#   python bench/train_throughput.py --config configs/llama3_8b.yaml --steps 3 --nproc 1,2,4 --out $OUT
+#   python bench/train_throughput.py --config configs/llama3_8b.yaml --steps 2 --nproc 2 \
+#       --name train_llama3_8b_128k_cp2 --dist.context_parallel=2 --data.pack_tokens=131072 --out $OUT
+#   python scripts/train_parallel_check.py --config configs/tiny_cuda.yaml --nproc 2 --out $OUT
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .cache import FluxCache
+from .mix import routed_mix
 from .router import LayerRouter, RouterConfig
 
 __all__ = [
@@ -209,11 +210,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, cfg: RouterConfig, scale: Optional[
                "block_size": cfg.block_size}
     if z is None:
         return ops.flux_attention(q, k, v, use_sparse, **kw, **pattern)[0]
-    fa = ops.full_attention(q, k, v, causal=True, **kw)[0]
-    sa = ops.sparse_attention(q, k, v, **kw, **pattern)[0]
-    zt = (z[vq.seq] if vq is not None else z).to(fa.dtype)
-    zt = zt.view(-1, *([1] * (fa.dim() - 1)))
-    return zt * fa + (1 - zt) * sa
+    # Both forwards, the backward of the taken branch only (z is hard): see flux_attention.mix.
+    return routed_mix(q, k, v, z, **kw, **pattern)
 
 
 def _record(module: nn.Module, z: Tensor, use_sparse: Tensor, learned: bool) -> None:
@@ -579,7 +577,9 @@ def routing_report(model: nn.Module) -> RoutingReport:
     missing = [m.layer_idx for m in mods if "_flux_route" not in m.__dict__]
     if missing:
         raise RuntimeError(f"routing_report: layers {missing} have not routed a prefill yet")
-    use_sparse = torch.stack([m._flux_route["use_sparse"].cpu() for m in mods])
+    flags = [m._flux_route["use_sparse"] for m in mods]
+    # One device-to-host copy for all layers (one sync, not one per layer).
+    use_sparse = torch.stack([f.to(flags[0].device) for f in flags]).cpu()
     return RoutingReport(
         layers=[m.layer_idx for m in mods],
         use_sparse=use_sparse,

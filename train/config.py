@@ -45,13 +45,18 @@ class ModelConfig:
     """Peak learning rate of q/k/v when ``train_qkv``."""
     activation_checkpointing: bool = False
     """Recompute decoder layers in the backward (non-reentrant; the Gumbel draws are replayed)."""
+    save_attention: bool = True
+    """With activation checkpointing: keep the outputs of the attention ops (FA and SA, ~1 GiB per
+    layer at 64K tokens, Llama-8B shape) instead of recomputing them; only the projections, norms
+    and MLPs are recomputed (selective checkpointing; see docs/training.md for the FLOPs saved)."""
 
 
 @dataclasses.dataclass
 class DataConfig:
     source: str = "synthetic"
-    """``synthetic`` (generated, no download) or a ``.jsonl`` file of records
-    ``{context, question, answer, task}`` or documents ``{text, task?}``."""
+    """``synthetic`` (generated, no download), or a ``.jsonl`` / ``.parquet`` file of records
+    ``{context, question, answer, task}`` or documents ``{text, task?}`` (``task`` may also sit
+    in a ``metadata`` mapping, as in the reference's data)."""
     pack_tokens: int = 65536
     """Token budget of one pack (one micro-batch of one row, varlen ``cu_seqlens``)."""
     min_context_chars: int = 2000
@@ -80,6 +85,12 @@ class LossConfig:
     """Multipliers start uniform in [0, lambda_init) (the reference: U[0, 0.5))."""
     logit_chunk: int = 2048
     """Tokens per chunk of the vocabulary projection + cross-entropy (bounds its memory)."""
+    lm_weight: float = 1.0
+    """Weight of the next-token cross-entropy."""
+    kl_weight: float = 0.0
+    """Weight of the distillation term KL(teacher || student) per labelled token, the teacher being
+    the same frozen model with every layer on full attention (one extra forward without grad per
+    pack); 0 disables it."""
 
 
 @dataclasses.dataclass
@@ -136,6 +147,12 @@ class MetricsConfig:
 class DistConfig:
     timeout_s: int = 600
     """Collective timeout: a dead or stuck rank ends the job with an error after this long."""
+    fsdp: bool = False
+    """Shard the frozen base's decoder layers over all ranks with FSDP2 (for a model that does not
+    fit one device); otherwise it is replicated and only the router gradients are all-reduced."""
+    context_parallel: int = 1
+    """Ranks per pack (Ulysses all-to-all over heads around attention); must divide the number of
+    ranks, the attention and kv heads, and data.pack_tokens."""
 
 
 @dataclasses.dataclass
@@ -186,6 +203,11 @@ def _coerce(hint, value, path: str, source: str):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)
@@ -227,13 +249,18 @@ def _check(cfg: JobConfig, source: str) -> None:
         need(not unknown, "data.tasks", f"names unknown synthetic task(s) {unknown} "
              f"(known: {sorted(TASKS)})")
     else:
-        need(cfg.data.source.endswith(".jsonl"), "data.source", "must be 'synthetic' or a .jsonl file")
+        need(cfg.data.source.endswith((".jsonl", ".parquet")), "data.source",
+             "must be 'synthetic', a .jsonl or a .parquet file")
     need(len(cfg.loss.targets) == len(TASK_CLASSES) and all(0 <= t <= 1 for t in cfg.loss.targets),
          "loss.targets", f"must hold {len(TASK_CLASSES)} fractions in [0, 1] ({', '.join(TASK_CLASSES)})")
     need(cfg.loss.lambda_lr > 0, "loss.lambda_lr", "must be positive")
     need(cfg.loss.lambda_weight_decay >= 0, "loss.lambda_weight_decay", "must be >= 0")
     need(cfg.loss.lambda_init >= 0, "loss.lambda_init", "must be >= 0")
     need(cfg.loss.logit_chunk > 0, "loss.logit_chunk", "must be positive")
+    need(cfg.loss.lm_weight >= 0, "loss.lm_weight", "must be >= 0")
+    need(cfg.loss.kl_weight >= 0, "loss.kl_weight", "must be >= 0")
+    need(cfg.loss.lm_weight + cfg.loss.kl_weight > 0, "loss.lm_weight",
+         "and loss.kl_weight must not both be 0")
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
     need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
          "must be two numbers in [0, 1)")
@@ -250,6 +277,11 @@ def _check(cfg: JobConfig, source: str) -> None:
     need(cfg.checkpoint.keep_latest >= 0, "checkpoint.keep_latest", "must be >= 0")
     need(cfg.metrics.log_every > 0, "metrics.log_every", "must be positive")
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be positive")
+    need(cfg.dist.context_parallel >= 1, "dist.context_parallel", "must be >= 1")
+    need(cfg.data.pack_tokens % cfg.dist.context_parallel == 0, "data.pack_tokens",
+         f"must be a multiple of dist.context_parallel ({cfg.dist.context_parallel})")
+    need(not (cfg.dist.fsdp and cfg.model.train_qkv), "dist.fsdp",
+         "cannot be combined with model.train_qkv (trained q/k/v are replicated, not sharded)")
     try:
         cfg.router_config()
     except (ValueError, TypeError) as e:

@@ -12,6 +12,7 @@ rank is one integer, the index of the first record of its next pack.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import random
@@ -67,7 +68,25 @@ def record_source(cfg: DataConfig) -> Callable[[int], dict]:
         weights = dict(cfg.tasks) or {t: 1.0 for t in synthetic.TASKS}
         return lambda i: synthetic.generate(cfg.seed, i, weights, cfg.min_context_chars,
                                             cfg.max_context_chars)
+    if cfg.source.endswith(".parquet"):
+        return _Parquet(cfg.source, cfg.seed)
     return _Jsonl(cfg.source, cfg.seed)
+
+
+def _checked(rec, where: str) -> dict:
+    """A record as the packer needs it, or a ValueError naming ``where`` (file and row)."""
+    ok = isinstance(rec, dict) and ("text" in rec or all(k in rec for k in ("context", "question", "answer")))
+    if not ok:
+        raise ValueError(f"{where} needs context, question, answer (and task), or text")
+    if rec.get("task") is None and isinstance(rec.get("metadata"), dict):
+        rec["task"] = rec["metadata"].get("task")  # the reference data's layout
+    if rec.get("task") is None:
+        rec["task"] = "continuation" if "text" in rec else None
+    try:
+        task_class(rec["task"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return rec
 
 
 class _Jsonl:
@@ -100,16 +119,61 @@ class _Jsonl:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.path}: record {row + 1} is not JSON: {e}") from None
-        ok = isinstance(rec, dict) and ("text" in rec or all(k in rec for k in ("context", "question", "answer")))
-        if not ok:
-            raise ValueError(f"{self.path}: record {row + 1} needs context, question, answer (and "
-                             "task), or text")
-        rec.setdefault("task", "continuation" if "text" in rec else None)
+        return _checked(rec, f"{self.path}: record {row + 1}")
+
+
+class _Parquet:
+    """Records of a parquet file (columns context, question, answer, task; or text; a struct
+    column ``metadata`` with ``task`` also works).
+
+    Memory stays at one row group: epoch e visits the row groups in a seeded order and the rows of
+    each group in a seeded order (a block shuffle), so a record index maps to (group, row) by
+    arithmetic and consecutive records come from the group in memory."""
+
+    def __init__(self, path: str, seed: int):
         try:
-            task_class(rec["task"])
-        except ValueError as e:
-            raise ValueError(f"{self.path}: record {row + 1}: {e}") from None
-        return rec
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError("data.source=*.parquet needs pyarrow (pip install pyarrow)") from e
+        self.path, self.seed = path, seed
+        try:
+            self.file = pq.ParquetFile(path)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read as parquet: {e}") from None
+        meta = self.file.metadata
+        self.group_rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self.total = sum(self.group_rows)
+        if not self.total:
+            raise ValueError(f"{path}: no records")
+        names = set(self.file.schema_arrow.names)
+        self.columns = [c for c in ("context", "question", "answer", "task", "text", "metadata") if c in names]
+        self._epoch = (-1, [], [])  # (epoch, group order, start row of each visited group)
+        self._group = (-1, None, None)  # (group, its rows as dicts, row order)
+
+    def _order(self, epoch: int):
+        if self._epoch[0] != epoch:
+            groups = list(range(len(self.group_rows)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(groups)
+            starts, n = [], 0
+            for g in groups:
+                starts.append(n)
+                n += self.group_rows[g]
+            self._epoch = (epoch, groups, starts)
+        return self._epoch[1], self._epoch[2]
+
+    def __call__(self, index: int) -> dict:
+        epoch, k = divmod(index, self.total)
+        groups, starts = self._order(epoch)
+        pos = bisect.bisect_right(starts, k) - 1
+        g, j = groups[pos], k - starts[pos]
+        if self._group[0] != (epoch, g):
+            rows = self.file.read_row_group(g, columns=self.columns).to_pylist()
+            order = list(range(len(rows)))
+            random.Random((self.seed * 1_000_003 + epoch) * 7919 + g).shuffle(order)
+            self._group = ((epoch, g), rows, order)
+        row = self._group[2][j]
+        rec = {key: v for key, v in self._group[1][row].items() if v is not None}
+        return _checked(rec, f"{self.path}: row group {g} row {row}")
 
 
 def encode_record(tok, rec: dict, chat_template: bool) -> Tuple[List[int], List[int]]:
@@ -139,26 +203,39 @@ class Pack:
     """One micro-batch: a row of ``T`` tokens holding ``n`` sequences.
 
     ``labels[j]`` is the token that position j predicts (the next token of its own sequence), -100
-    where there is none or it is not trained on; ``position_ids`` restart at each sequence."""
+    where there is none or it is not trained on; ``position_ids`` restart at each sequence. A pack
+    padded to a multiple of the context-parallel degree ends with one extra pad sequence (in
+    ``cu_seqlens``, not in ``tasks``; no labels), so the ``len(tasks)`` real sequences come first."""
 
     input_ids: Tensor  # int64 [T]
     labels: Tensor  # int64 [T]
     position_ids: Tensor  # int64 [T]
-    cu_seqlens: Tensor  # int32 [n + 1]
+    cu_seqlens: Tensor  # int32 [n + 1] (n + 2 with the pad sequence)
     max_seqlen: int
     tasks: Tensor  # int64 [n], class indices
+    labelled: int = 0  # labels != -100, counted on the host
+    real_tokens: int = 0  # tokens of the n real sequences
 
     @property
     def tokens(self) -> int:
         return self.input_ids.numel()
 
     def to(self, device) -> "Pack":
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in
+        """The tensors on ``device``; to CUDA from pinned memory without blocking the host (a
+        pageable copy would wait for the queued work of the previous step)."""
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+
+        def move(t: Tensor) -> Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in
                                             dataclasses.fields(self) if isinstance(getattr(self, f.name), Tensor)})
 
 
-def make_pack(items: List[Tuple[List[int], List[int], int]], loss_on: str) -> Pack:
-    """``items``: ``(prompt_ids, answer_ids, class)`` per sequence."""
+def make_pack(items: List[Tuple[List[int], List[int], int]], loss_on: str, multiple: int = 1,
+              pad_id: int = 0) -> Pack:
+    """``items``: ``(prompt_ids, answer_ids, class)`` per sequence; a pad sequence of ``pad_id``
+    brings the length to a multiple of ``multiple`` when needed."""
     ids, labels, pos, cu = [], [], [], [0]
     for prompt, answer, _ in items:
         seq = prompt + answer
@@ -167,10 +244,18 @@ def make_pack(items: List[Tuple[List[int], List[int], int]], loss_on: str) -> Pa
         labels += [seq[j + 1] if trained[j + 1] else -100 for j in range(len(seq) - 1)] + [-100]
         pos += range(len(seq))
         cu.append(cu[-1] + len(seq))
+    real = cu[-1]
+    pad = -real % multiple
+    if pad:
+        ids += [pad_id] * pad
+        labels += [-100] * pad
+        pos += range(pad)
+        cu.append(real + pad)
     lengths = [b - a for a, b in zip(cu, cu[1:])]
     return Pack(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
                 torch.tensor(pos, dtype=torch.long), torch.tensor(cu, dtype=torch.int32),
-                max(lengths), torch.tensor([c for _, _, c in items], dtype=torch.long))
+                max(lengths), torch.tensor([c for _, _, c in items], dtype=torch.long),
+                labelled=sum(y != -100 for y in labels), real_tokens=real)
 
 
 class Packer:
@@ -179,9 +264,11 @@ class Packer:
     skipped (counted in ``dropped``)."""
 
     def __init__(self, source: Callable[[int], dict], tok, cfg: DataConfig, rank: int = 0,
-                 world: int = 1, cursor: int = 0):
+                 world: int = 1, cursor: int = 0, multiple: int = 1):
         self.source, self.tok, self.cfg = source, tok, cfg
         self.rank, self.world = rank, world
+        self.multiple = multiple  # packs are padded to a multiple of this (the context-parallel degree)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.cursor = cursor  # index in this rank's stream of the next pack's first record
         self.dropped = 0
         self._ahead: Optional[Tuple[int, tuple]] = None
@@ -213,7 +300,7 @@ class Packer:
             items.append(item)
             used += n
             self.cursor += 1
-        return make_pack(items, self.cfg.loss_on)
+        return make_pack(items, self.cfg.loss_on, self.multiple, self.pad_id)
 
     def state_dict(self) -> Dict[str, int]:
         return {"cursor": self.cursor, "dropped": self.dropped, "rank": self.rank, "world": self.world}

@@ -4,12 +4,14 @@ attach the routers through ``flux_attention.attach_router``."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 from typing import List, Tuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import flux_attention as fa
 from flux_attention import hf
@@ -17,7 +19,7 @@ from flux_attention import hf
 from .config import JobConfig
 from .data import byte_tokenizer
 
-__all__ = ["build_model", "smollm2_path"]
+__all__ = ["build_model", "smollm2_path", "all_full_attention"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +68,43 @@ def _load(cfg: JobConfig, dtype: torch.dtype, device: torch.device):
     return model, None
 
 
+def _attention_ops() -> set:
+    ops = torch.ops.flux_attention
+    return {ops.full_attention.default, ops.sparse_attention.default, ops.flux_attention.default}
+
+
+def _save_attention_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention_outputs():
+    """Selective activation checkpointing: a checkpointed decoder layer keeps the outputs of its
+    attention ops from the forward and recomputes everything else (projections, RoPE, norms, MLP,
+    router) in the backward. At 64K tokens attention is most of a layer's FLOPs and its outputs
+    ~1/10 of the layer's activations."""
+    global _SAVED
+    if _SAVED is None:
+        _SAVED = _attention_ops()
+    return create_selective_checkpoint_contexts(_save_attention_policy)
+
+
+_SAVED = None
+
+
+@contextlib.contextmanager
+def all_full_attention(model: nn.Module):
+    """Every router forced to FA inside the block: the teacher of KL distillation (the frozen
+    model as it was before routing)."""
+    saved = {i: r.config for i, r in hf.routers(model).items()}
+    try:
+        for r in hf.routers(model).values():
+            r.config = dataclasses.replace(r.config, force="fa", force_sparse_layers=frozenset())
+        yield
+    finally:
+        for i, r in hf.routers(model).items():
+            r.config = saved[i]
+
+
 def build_model(cfg: JobConfig, device: torch.device) -> Tuple[nn.Module, object, List[nn.Parameter]]:
     """``(model in training mode, tokenizer, trainable q/k/v parameters)``; router parameters are
     the only other trainable ones (``flux_attention.hf.routers(model)``)."""
@@ -96,7 +135,18 @@ def build_model(cfg: JobConfig, device: torch.device) -> Tuple[nn.Module, object
     for router in hf.routers(model).values():
         router.requires_grad_(True)
     if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if cfg.model.save_attention:
+            kwargs["context_fn"] = _keep_attention_outputs
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # transformers also makes the embedding output require grad (for reentrant checkpointing
+        # and adapters); non-reentrant checkpointing does not need it, and with it layer 0 would
+        # run an attention backward and q/k/v backward that nothing uses.
+        model.disable_input_require_grads()
     model.to(device)
     model.train()
     return model, tok, qkv

@@ -5,26 +5,35 @@ forward/backward, gradient all-reduce, clip, optimiser steps, log."""
 from __future__ import annotations
 
 import math
+import os
 import random
+import re
 import signal
 import time
 from typing import Dict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import flux_attention as fa
 from flux_attention import hf
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import TASK_CLASSES, JobConfig
-from .data import Packer, record_source
-from .loss import Multipliers, chunked_lm_loss, sparsity_loss
+from .context_parallel import check_same_decisions, enable_context_parallel, local_shard
+from .data import Pack, Packer, record_source
+from .loss import Multipliers, head_loss, sparsity_loss
 from .metrics import MetricsLogger, peak_memory_gib
-from .model import build_model
-from .parallel import all_reduce_grads, all_reduce_sum, close, init_distributed
+from .model import all_full_attention, build_model
+from .parallel import all_reduce_grads, all_reduce_sum, close, init_distributed, shard_frozen_base
+from .step_stats import StepStats
 
 __all__ = ["Trainer"]
+
+# What gloo says when a peer is gone or silent (NCCL raises DistBackendError or its watchdog ends
+# the process after dist.timeout_s).
+_COLLECTIVE_FAILURE = re.compile(r"[Tt]imed out|Connection (closed|reset) by peer|gloo", re.IGNORECASE)
 
 
 def _schedule(cfg: JobConfig):
@@ -42,18 +51,26 @@ def _schedule(cfg: JobConfig):
 class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
-        self.world = w = init_distributed(cfg.train.device, cfg.dist.timeout_s)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+            torch.use_deterministic_algorithms(True)
+        self.world = w = init_distributed(cfg.train.device, cfg.dist.timeout_s, cfg.dist.context_parallel)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
         self.model, self.tok, self.qkv = build_model(cfg, w.device)
         self.router_cfg = cfg.router_config()
         self.layers = sorted(hf.routers(self.model))
         self.router_params = [p for r in hf.routers(self.model).values() for p in r.parameters()]
+        if w.cp > 1:
+            enable_context_parallel(self.model, w.cp_group)
+        if cfg.dist.fsdp:
+            local, total = shard_frozen_base(self.model, w, self.router_params + self.qkv)
+            if w.main:
+                print(f"fsdp: {local} of {total} base parameters on rank 0", flush=True)
         gen = torch.Generator().manual_seed(cfg.train.seed)  # same multipliers on every rank
         self.mult = Multipliers(len(TASK_CLASSES), cfg.loss.lambda_init, gen).to(w.device)
-        self.packer = Packer(record_source(cfg.data), self.tok, cfg.data, w.rank, w.size)
+        # The ranks of a context-parallel group read the same packs (padded to a multiple of cp).
+        self.packer = Packer(record_source(cfg.data), self.tok, cfg.data, w.dp_rank, w.dp, multiple=w.cp)
 
         o = cfg.optim
         groups = [{"params": self.router_params, "lr": o.lr, "weight_decay": o.weight_decay}]
@@ -70,7 +87,8 @@ class Trainer:
         self.lambda_sched = torch.optim.lr_scheduler.LambdaLR(self.lambda_opt, _schedule(cfg))
 
         self.step = 0
-        seed = cfg.train.seed + w.rank  # independent Gumbel noise per rank
+        # Independent Gumbel noise per pack stream; the ranks of a context-parallel group share it.
+        seed = cfg.train.seed + w.dp_rank
         torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_latest, w)
         self.resumed_from = None
@@ -118,7 +136,15 @@ class Trainer:
         total = self.cfg.train.steps
         while self.step < total:
             self.step += 1
-            record = self.train_step()
+            try:
+                record = self.train_step()
+            except RuntimeError as e:  # gloo raises RuntimeError, NCCL DistBackendError (a subclass)
+                if not (isinstance(e, dist.DistError) or _COLLECTIVE_FAILURE.search(str(e))):
+                    raise
+                raise RuntimeError(
+                    f"rank {self.world.rank}: step {self.step}: a collective failed or did not finish "
+                    f"within dist.timeout_s={self.cfg.dist.timeout_s} s; another rank has died or "
+                    f"hangs ({type(e).__name__}: {e})") from e
             stop = self._stop_requested()
             self.metrics.log(self.step, record, force=self.step == total or stop)
             if stop or self.step % self.cfg.checkpoint.interval == 0 or self.step == total:
@@ -134,6 +160,36 @@ class Trainer:
         flag = torch.tensor([float(self._sigterm)], device=self.world.device)
         return bool(all_reduce_sum(flag, self.world).item() > 0)
 
+    def _forward(self, pack: Pack, device_cu: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[t, H]`` of this rank's tokens of ``pack``."""
+        # cu_seq_lens_k is left out: it equals cu_seq_lens_q, and checking that would sync.
+        return self.model.get_decoder()(
+            input_ids=pack.input_ids[None], position_ids=pack.position_ids[None], cu_seq_lens_q=device_cu,
+            max_length_q=pack.max_seqlen, use_cache=False).last_hidden_state[0]
+
+    def _micro_step(self, pack: Pack, stats: StepStats) -> None:
+        """Forward and backward of one pack (this rank's share of it)."""
+        cfg, w = self.cfg, self.world
+        share = 1.0 / w.cp  # each rank of a context-parallel group holds 1/cp of the pack
+        local = (local_shard(pack, w.cp_rank, w.cp) if w.cp > 1 else pack).to(w.device)
+        teacher = None
+        if cfg.loss.kl_weight:
+            with torch.no_grad(), all_full_attention(self.model):
+                teacher = self._forward(local, local.cu_seqlens)
+        hidden = self._forward(local, local.cu_seqlens)
+        loss_sum, ce, kl = head_loss(self.model.get_output_embeddings(), hidden, local.labels,
+                                     cfg.loss.logit_chunk, cfg.loss.lm_weight, cfg.loss.kl_weight, teacher)
+        s = fa.collect_sparsity(self.model)[:local.tasks.numel()]  # the pad sequence is not trained
+        reg = sparsity_loss(s, local.tasks, self.mult, cfg.loss.targets)
+        labelled = max(pack.labelled, 1)
+        loss = loss_sum / labelled + reg * share  # the group's shares sum to the pack's loss
+        (loss / cfg.train.grad_accum).backward()
+        stats.add_pack(share, loss, ce, kl, reg, s, local.tasks, labelled, pack.real_tokens)
+        decisions = hf.routing_report(self.model).use_sparse[:, :local.tasks.numel()]
+        stats.add_decisions(decisions, share)
+        if w.cp > 1:
+            check_same_decisions(decisions, w)
+
     def train_step(self) -> Dict:
         cfg, w, model = self.cfg, self.world, self.model
         start = time.perf_counter()
@@ -141,27 +197,9 @@ class Trainer:
         fa.set_router_temperature(model, tau)
         self.opt.zero_grad(set_to_none=True)
         self.lambda_opt.zero_grad(set_to_none=True)
-        c, n_layers = len(TASK_CLASSES), len(self.layers)
-        # loss, lm, reg, tokens, micro-batches | SA sum per class | count per class | SA per layer
-        stats = torch.zeros(5 + 2 * c + n_layers, dtype=torch.float64)
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        stats = StepStats(TASK_CLASSES, len(self.layers), w.device)
         for _ in range(cfg.train.grad_accum):
-            pack = self.packer.next_pack().to(w.device)
-            cu, m = pack.cu_seqlens, pack.max_seqlen
-            hidden = decoder(input_ids=pack.input_ids[None], position_ids=pack.position_ids[None],
-                             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m,
-                             use_cache=False).last_hidden_state[0]
-            ce, n = chunked_lm_loss(head, hidden, pack.labels, cfg.loss.logit_chunk)
-            lm = ce / max(n, 1)
-            s = fa.collect_sparsity(model)
-            reg = sparsity_loss(s, pack.tasks, self.mult, cfg.loss.targets)
-            loss = lm + reg
-            (loss / cfg.train.grad_accum).backward()
-            sd, tasks = s.detach().double().cpu(), pack.tasks.cpu()
-            stats[:5] += torch.tensor([loss.item(), lm.item(), reg.item(), pack.tokens, 1.0], dtype=torch.float64)
-            stats[5:5 + c] += torch.zeros(c, dtype=torch.float64).index_add_(0, tasks, sd)
-            stats[5 + c:5 + 2 * c] += torch.bincount(tasks, minlength=c).double()
-            stats[5 + 2 * c:] += hf.routing_report(model).use_sparse.double().mean(1)
+            self._micro_step(self.packer.next_pack(), stats)
         trainable = self.router_params + self.qkv
         all_reduce_grads(trainable + list(self.mult.parameters()), w)
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
@@ -170,21 +208,16 @@ class Trainer:
         self.lambda_opt.step()
         self.sched.step()
         self.lambda_sched.step()
-        stats = all_reduce_sum(stats.to(w.device), w).cpu()
-        micro = stats[4].item()
-        per_class, counts = stats[5:5 + c], stats[5 + c:5 + 2 * c]
-        names = TASK_CLASSES
-        return {
-            "loss": stats[0].item() / micro, "lm_loss": stats[1].item() / micro, "reg_loss": stats[2].item() / micro,
-            "sa_fraction": (per_class.sum() / counts.sum()).item(),
-            "sa_fraction_per_task": {names[i]: (per_class[i] / counts[i]).item() for i in range(c) if counts[i] > 0},
-            "sa_fraction_per_layer": (stats[5 + 2 * c:] / micro).tolist(),
-            "lambda1": dict(zip(names, self.mult.lambda1.detach().cpu().tolist())),
-            "lambda2": dict(zip(names, self.mult.lambda2.detach().cpu().tolist())),
-            "tau": tau, "lr": lr, "grad_norm": norm.item(), "tokens": int(stats[3].item()),
-            "tokens_per_s": stats[3].item() / (time.perf_counter() - start),
+        record = stats.finish(w)
+        elapsed = time.perf_counter() - start
+        record.update({
+            "lambda1": dict(zip(TASK_CLASSES, self.mult.lambda1.detach().cpu().tolist())),
+            "lambda2": dict(zip(TASK_CLASSES, self.mult.lambda2.detach().cpu().tolist())),
+            "tau": tau, "lr": lr, "grad_norm": norm.item(), "step_time_s": elapsed,
+            "tokens_per_s": record["tokens"] / elapsed, "tokens_per_s_per_device": record["tokens"] / elapsed / w.size,
             "peak_mem_gib": peak_memory_gib(w.device),
-        }
+        })
+        return record
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._old_handler)

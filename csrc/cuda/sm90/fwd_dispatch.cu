@@ -33,7 +33,8 @@ bool fwd_sm90_supported(const AttnFwdParams& p) {
   // The kernel folds the scale into exp2 after taking the row max of the raw scores, which is the
   // max of the scaled scores only for a positive scale.
   if (!(p.scale > 0.0f) || !std::isfinite(p.scale)) return false;
-  for (const void* ptr : {p.q, p.k, p.v, p.out}) {
+  const void* const bases[] = {p.q, p.k, p.v, p.out};
+  for (const void* ptr : bases) {
     if (!aligned16(ptr)) return false;
   }
   // A stride may be 0 (a broadcast) only along an extent of 1, where the launcher replaces it.

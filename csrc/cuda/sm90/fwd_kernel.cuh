@@ -31,23 +31,28 @@ struct FwdArgs {
   AttnFwdParams p;     // pointers, strides and lengths for everything TMA does not do
 };
 
-// Rows [0, valid) of a BLK_N x D shared-memory slot from global rows (16-byte loads), zeros below.
-// The producer warp uses it instead of TMA for the one key tile that ends past the last sequence
-// of a varlen batch: TMA would read rows past cu_seqlens[-1], which may hold anything (NaN), and a
-// zero probability times a NaN value row is NaN.
+// Rows [0, valid) of a BLK_N x D shared-memory slot from global rows, zeros below, with 16-byte
+// cp.async (zero-filling; all in flight at once). The producer warp uses it instead of TMA for the
+// V tile that ends past its sequence in a varlen batch: TMA would bring in the next sequence's rows
+// (or, past cu_seqlens[-1], rows that may hold anything), and although their probabilities are 0,
+// 0 * NaN is NaN, so one sequence's NaN would leak into another. K needs no such care: masked
+// scores are overwritten with -inf whatever they were.
 template <class Cfg, class SmemTile>
 __device__ __forceinline__ void load_tile_zero_fill(SmemTile&& s, const typename Cfg::Element* g,
                                                     int64_t row_stride, int64_t valid, int lane) {
-  using Element = typename Cfg::Element;
   constexpr int kChunks = Cfg::kHeadDim / 8;  // 16-byte chunks per row
+#pragma unroll 8
   for (int idx = lane; idx < Cfg::kBlockN * kChunks; idx += 32) {
     const int r = idx / kChunks;
     const int c = (idx % kChunks) * 8;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < valid) val = *reinterpret_cast<const uint4*>(g + r * row_stride + c);
+    const bool in = r < valid;
     // The 128-byte swizzle permutes whole 16-byte chunks, so 8 consecutive elements stay together.
-    *reinterpret_cast<uint4*>(&s(r, c)) = val;
+    const uint32_t dst = cute::cast_smem_ptr_to_uint(&s(r, c));
+    const void* src = in ? static_cast<const void*>(g + r * row_stride + c) : static_cast<const void*>(g);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(in ? 16 : 0)
+                 : "memory");
   }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 template <class Cfg>
@@ -90,11 +95,9 @@ __device__ __forceinline__ void fwd_producer(const FwdArgs<Cfg>& args, typename 
     copy(args.tma_q.with(ss.bar_q), tQgQ, tQsQ);
   }
 
-  // Only the last sequence of a varlen batch can read past cu_seqlens[-1]; for every other sequence
-  // the rows past its end belong to the next one (finite) and the consumers mask them.
-  const bool tail_guard = (p.cu_seqlens_q != nullptr) && b == p.batch - 1;
-  const Element* k_seq = static_cast<const Element*>(p.k) + sc.k_start * p.k_row_stride +
-                         int64_t(hk) * p.k_head_stride;
+  // Padded inputs: TMA zero-fills rows past seqlen_k (outside the tensor's batch slice). Varlen
+  // inputs: the ragged last V tile of a sequence goes through load_tile_zero_fill instead.
+  const bool varlen = p.cu_seqlens_q != nullptr;
   const Element* v_seq = static_cast<const Element*>(p.v) + sc.k_start * p.v_row_stride +
                          int64_t(hk) * p.v_head_stride;
 
@@ -102,20 +105,12 @@ __device__ __forceinline__ void fwd_producer(const FwdArgs<Cfg>& args, typename 
   for (int64_t it = walk.count - 1; it >= 0; --it) {
     const int n = static_cast<int>(walk.tile(it));
     const int64_t j0 = int64_t(n) * kBlockN;
-    const bool manual = tail_guard && j0 + kBlockN > sc.len_k;
+    const bool manual = varlen && j0 + kBlockN > sc.len_k;
 
     mbar_wait(&ss.bar_k_empty[pipe.stage], pipe.phase ^ 1u);
-    if (!manual) {
-      if (lane == 0) {
-        mbar_arrive_expect_tx(&ss.bar_k_full[pipe.stage], Cfg::kBytesKV);
-        copy(args.tma_k.with(ss.bar_k_full[pipe.stage]), tKgK(_, n), tKsK(_, pipe.stage));
-      }
-    } else {
-      load_tile_zero_fill<Cfg>(sK(_, _, pipe.stage), k_seq + j0 * p.k_row_stride, p.k_row_stride,
-                               sc.len_k - j0, lane);
-      cutlass::arch::fence_view_async_shared();  // generic-proxy writes, read by wgmma (async proxy)
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&ss.bar_k_full[pipe.stage]);
+    if (lane == 0) {
+      mbar_arrive_expect_tx(&ss.bar_k_full[pipe.stage], Cfg::kBytesKV);
+      copy(args.tma_k.with(ss.bar_k_full[pipe.stage]), tKgK(_, n), tKsK(_, pipe.stage));
     }
 
     mbar_wait(&ss.bar_v_empty[pipe.stage], pipe.phase ^ 1u);
@@ -127,7 +122,7 @@ __device__ __forceinline__ void fwd_producer(const FwdArgs<Cfg>& args, typename 
     } else {
       load_tile_zero_fill<Cfg>(sV(_, _, pipe.stage), v_seq + j0 * p.v_row_stride, p.v_row_stride,
                                sc.len_k - j0, lane);
-      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::fence_view_async_shared();  // cp.async writes, read next by wgmma (async proxy)
       __syncwarp();
       if (lane == 0) mbar_arrive(&ss.bar_v_full[pipe.stage]);
     }

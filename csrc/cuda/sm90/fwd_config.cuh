@@ -90,11 +90,14 @@ struct FwdConfig {
   static constexpr uint32_t kBytesKV = kBlockN * kHeadDim * sizeof(Element);
 
   struct SharedStorage {
-    // Q is also where each consumer warpgroup stages its 64 rows of O for the final store.
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
+    // O is staged apart from Q: in a persistent CTA the producer already loads the next tile's Q
+    // while the consumers store this tile's O.
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> o;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> k;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>> v;
     alignas(16) uint64_t bar_q;
+    uint64_t bar_q_empty;
     uint64_t bar_k_full[kStages];
     uint64_t bar_k_empty[kStages];
     uint64_t bar_v_full[kStages];

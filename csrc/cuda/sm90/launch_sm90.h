@@ -17,6 +17,10 @@ bool fwd_sm90_supported(const AttnFwdParams& p);
 // Whether the consumer warpgroups take turns issuing wgmma (default on; FLUX_SM90_PINGPONG=0 off).
 bool fwd_pingpong_enabled();
 
+// Whether the forward runs one persistent CTA per SM over the tile list (FLUX_SM90_PERSISTENT=1) or
+// one CTA per tile (default; =0).
+bool fwd_persistent_enabled();
+
 // One explicit instantiation per (dtype, head dim) lives in csrc/cuda/inst/attn_fwd_sm90_*.cu.
 template <typename T, int kHeadDim>
 cudaError_t run_attention_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream);

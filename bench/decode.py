@@ -46,6 +46,7 @@ ROTATE_BYTES = 256 << 20  # KV read per timed round: > 5x the H200's 50 MB L2
 ROTATE_MEMORY = 16 << 30  # at most this much memory for rotated copies of one cache
 ELEM = 2
 T0 = time.perf_counter()
+DEVICE = "cuda"  # --device cpu: a plumbing check of this script at small sizes (no GPU timing)
 
 
 def log(msg):
@@ -57,24 +58,37 @@ def kv_bytes(b, keys):
 
 
 def copies_for(read_bytes, alloc_bytes):
+    if DEVICE != "cuda":
+        return 1
     want = max(1, math.ceil(ROTATE_BYTES / max(read_bytes, 1)))
     return int(max(1, min(want, ROTATE_MEMORY // max(alloc_bytes, 1), 32)))
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache():
+    if DEVICE == "cuda":
+        empty_cache()
 
 
 def timed(fns, calls=4):
     """Graph timing (falls back to eager) and eager timing of round-robin calls of fns."""
     out = {}
-    try:
-        out["graph_ms"] = graph_time_ms(fns, calls=calls)["median_ms"]
-    except Exception as e:  # capture unsupported by a backend: report eager only
-        out["graph_error"] = f"{type(e).__name__}: {e}"[:200]
-        torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        try:
+            out["graph_ms"] = graph_time_ms(fns, calls=calls, warmup_ms=10, rep_ms=60)["median_ms"]
+        except Exception as e:  # capture unsupported by a backend: report eager only
+            out["graph_error"] = f"{type(e).__name__}: {e}"[:200]
+            sync()
     state = {"i": 0}
 
     def one():
         fns[state["i"] % len(fns)]()
         state["i"] += 1
-    out["eager_ms"] = time_ms(one, warmup_ms=10, rep_ms=50)["median_ms"]
+    out["eager_ms"] = time_ms(one, warmup_ms=5, rep_ms=30)["median_ms"]
     out["ms"] = out.get("graph_ms", out["eager_ms"])
     return out
 
@@ -97,15 +111,15 @@ def shuffled_pages(k, v, b, length):
     """A paged copy of contiguous caches [B, L, H, D]: pages of BS rows in random physical order
     (K and V share the table), a NaN page 0 that no entry uses. -> (k_pool, v_pool, table)."""
     per = length // BS
-    perm = torch.randperm(b * per, device="cuda")
+    perm = torch.randperm(b * per, device=DEVICE)
     pools = []
     for cache in (k, v):
-        pool = torch.empty(b * per + 1, BS, HKV, D, dtype=DTYPE, device="cuda")
+        pool = torch.empty(b * per + 1, BS, HKV, D, dtype=DTYPE, device=DEVICE)
         pool[0] = float("nan")
         pool[1:] = cache.view(b * per, BS, HKV, D)[perm]
         pools.append(pool)
     inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(b * per, device="cuda")
+    inv[perm] = torch.arange(b * per, device=DEVICE)
     return pools[0], pools[1], (inv + 1).view(b, per).to(torch.int32)
 
 
@@ -114,10 +128,10 @@ def evicted_pages(k, v, b, length):
     pages exist; every other table entry points at a NaN page (so reading one would show)."""
     per = length // BS
     keep = [0] + list(range(per - LOCAL, per))
-    table = torch.zeros(b, per, dtype=torch.int32, device="cuda")
+    table = torch.zeros(b, per, dtype=torch.int32, device=DEVICE)
     pools = []
     for cache in (k, v):
-        pool = torch.empty(1 + b * len(keep), BS, HKV, D, dtype=DTYPE, device="cuda")
+        pool = torch.empty(1 + b * len(keep), BS, HKV, D, dtype=DTYPE, device=DEVICE)
         pool[0] = float("nan")
         nxt = 1
         for s in range(b):
@@ -137,6 +151,8 @@ def fill_window(cache, length):
 
 def sdpa_candidates():
     from torch.nn.attention import SDPBackend
+    if DEVICE != "cuda":
+        return {"math": SDPBackend.MATH}
     return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
@@ -156,9 +172,9 @@ def max_err(a, b):
 def bench_shape(b, length, quick):
     """Every implementation at one (B, L); returns table rows and records."""
     rows, recs = [], []
-    seqlens = torch.full((b,), length, dtype=torch.int32, device="cuda")
-    flags_sa = torch.ones(b, dtype=torch.bool, device="cuda")
-    q = torch.randn(b, HQ, D, dtype=DTYPE, device="cuda")
+    seqlens = torch.full((b,), length, dtype=torch.int32, device=DEVICE)
+    flags_sa = torch.ones(b, dtype=torch.bool, device=DEVICE)
+    q = torch.randn(b, HQ, D, dtype=DTYPE, device=DEVICE)
     q_sdpa = q[:, :, None]  # [B, Hq, 1, D]
 
     # ---- FA: all L keys
@@ -166,13 +182,19 @@ def bench_shape(b, length, quick):
     n = copies_for(read, 3 * read)
     caches = []
     for _ in range(n):
-        k = torch.randn(b, length, HKV, D, dtype=DTYPE, device="cuda")
-        v = torch.randn(b, length, HKV, D, dtype=DTYPE, device="cuda")
+        k = torch.randn(b, length, HKV, D, dtype=DTYPE, device=DEVICE)
+        v = torch.randn(b, length, HKV, D, dtype=DTYPE, device=DEVICE)
         caches.append((k, v))
     impls, check = {}, {}
     impls["ours"] = [lambda k=k, v=v: fa.decode_attention(q, k, v, seqlens) for k, v in caches]
     if not quick:
         impls["ours_simt"] = [with_env("FLUX_DECODE_KERNEL", "simt", f) for f in impls["ours"]]
+        # Tuning knobs of the tensor-core kernel (decode_split_mma.cu / decode.cu), measured here so
+        # one run says which the memory system prefers.
+        impls["ours_interleaved"] = [with_env("FLUX_DECODE_WARP_ORDER", "interleaved", f) for f in impls["ours"]]
+        impls["ours_1cta"] = [with_env("FLUX_DECODE_CTAS_PER_SM", "1", f) for f in impls["ours"]]
+        impls["ours_1cta_interleaved"] = [with_env("FLUX_DECODE_CTAS_PER_SM", "1", f)
+                                          for f in impls["ours_interleaved"]]
     paged = [shuffled_pages(k, v, b, length) for k, v in caches]
     impls["ours_paged"] = [lambda kp=kp, vp=vp, kt=kt: fa.decode_attention(q, kp, vp, seqlens, block_table=kt)
                            for kp, vp, kt in paged]
@@ -199,8 +221,9 @@ def bench_shape(b, length, quick):
             correct["ours_vs_sdpa_max_err"] = max_err(check["ours"], ref)
         if check.get("ours_paged") is not None:
             correct["paged_equals_contiguous"] = bool(torch.equal(check["ours_paged"], check["ours"]))
-        if check.get("ours_simt") is not None:
-            correct["simt_vs_mma_max_err"] = max_err(check["ours_simt"], check["ours"])
+        for variant in ("ours_simt", "ours_interleaved", "ours_1cta", "ours_1cta_interleaved"):
+            if check.get(variant) is not None:
+                correct[f"{variant}_max_err"] = max_err(check[variant], check["ours"])
     res = {}
     for name, fns in impls.items():
         if check.get(name) is None:
@@ -222,12 +245,13 @@ def bench_shape(b, length, quick):
                    ratio_vs_sdpa=ours_ms / sdpa_best[0] if sdpa_best[0] == sdpa_best[0] else float("nan"),
                    simt_ms=res.get("ours_simt", {}).get("ms", float("nan")) if layout == "contiguous" else float("nan"),
                    sdpa={n_: r["ms"] for n_, r in res.items() if n_.startswith("sdpa")}, bytes=read,
+                   variants={n_: r["ms"] for n_, r in res.items() if n_.startswith("ours_") and layout == "contiguous"},
                    correctness=correct, copies=n)
         recs.append(rec)
         rows.append([b, length, "FA", layout, ours_ms, rec["tb_s"], rec["sdpa_best"], sdpa_best[0], rec["sdpa_tb_s"],
                      rec["ratio_vs_sdpa"], rec["simt_ms"], rec["eager_ms"]])
     del caches, paged, sdpa_kv, impls, check
-    torch.cuda.empty_cache()
+    empty_cache()
 
     # ---- SA: sink + window keys of an L-token cache
     read_sa = kv_bytes(b, WINDOW)
@@ -235,7 +259,7 @@ def bench_shape(b, length, quick):
     n = copies_for(read_sa, cache_bytes)
     caches = []
     for _ in range(n):
-        k = torch.empty(b, length, HKV, D, dtype=DTYPE, device="cuda")
+        k = torch.empty(b, length, HKV, D, dtype=DTYPE, device=DEVICE)
         v = torch.empty_like(k)
         fill_window(k, length)
         fill_window(v, length)
@@ -251,8 +275,11 @@ def bench_shape(b, length, quick):
     window = [(torch.cat([k[:, :SINK], k[:, length - LOCAL * BS:length]], 1).transpose(1, 2).contiguous(),
                torch.cat([v[:, :SINK], v[:, length - LOCAL * BS:length]], 1).transpose(1, 2).contiguous())
               for k, v in caches]
-    best_backend = sdpa_best[1].replace("sdpa_", "") if sdpa_best[1] != "none" else "flash"
-    backend = sdpa_candidates().get(best_backend, sdpa_candidates()["flash"])
+    candidates = sdpa_candidates()
+    best_backend = sdpa_best[1].replace("sdpa_", "")
+    if best_backend not in candidates:
+        best_backend = next(iter(candidates))
+    backend = candidates[best_backend]
     impls["sdpa_window"] = [sdpa_call(backend, q_sdpa, k, v) for k, v in window]
     for name, fns in impls.items():
         try:
@@ -292,19 +319,19 @@ def bench_shape(b, length, quick):
         rows.append([b, length, "SA", layout, ours_ms, rec["tb_s"], rec["sdpa_best"], win_ms, rec["sdpa_tb_s"],
                      rec["ratio_vs_sdpa"], float("nan"), rec["eager_ms"]])
     del caches, evicted, window, impls, check
-    torch.cuda.empty_cache()
+    empty_cache()
     return rows, recs
 
 
 def bench_step(b, length):
     """The whole decode step in one graph: reset lengths, append_kv, lengths += 1, decode."""
     cap = length + 1
-    k = torch.randn(b, cap, HKV, D, dtype=DTYPE, device="cuda")
+    k = torch.randn(b, cap, HKV, D, dtype=DTYPE, device=DEVICE)
     v = torch.randn_like(k)
-    base = torch.full((b,), length, dtype=torch.int32, device="cuda")
+    base = torch.full((b,), length, dtype=torch.int32, device=DEVICE)
     lens = base.clone()
-    q = torch.randn(b, HQ, D, dtype=DTYPE, device="cuda")
-    k1 = torch.randn(b, HKV, D, dtype=DTYPE, device="cuda")
+    q = torch.randn(b, HQ, D, dtype=DTYPE, device=DEVICE)
+    k1 = torch.randn(b, HKV, D, dtype=DTYPE, device=DEVICE)
     v1 = torch.randn_like(k1)
 
     def step():
@@ -322,18 +349,18 @@ def bench_memory():
     from flux_attention.cache import FluxCacheLayer
 
     prompt, gen = 32768, 4096
-    keys = torch.randn(2, prompt + gen, HKV, D, dtype=DTYPE, device="cuda")
+    keys = torch.randn(2, prompt + gen, HKV, D, dtype=DTYPE, device=DEVICE)
     values = torch.randn_like(keys)
     layer = FluxCacheLayer()
     layer.lazy_initialization(keys, values)
-    layer.start(2, torch.tensor([True, False], device="cuda"), block_size=BS, sink_tokens=SINK, local_blocks=LOCAL,
+    layer.start(2, torch.tensor([True, False], device=DEVICE), block_size=BS, sink_tokens=SINK, local_blocks=LOCAL,
                 num_heads_k=HKV, head_dim=D)
-    cu = torch.tensor([0, prompt, 2 * prompt], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, prompt, 2 * prompt], dtype=torch.int32, device=DEVICE)
     layer.append_varlen(keys[:, :prompt].reshape(-1, HKV, D), values[:, :prompt].reshape(-1, HKV, D), cu,
                         [prompt, prompt])
     pool_after_prefill = layer.k_pages.shape[0]
     max_held = 0
-    q = torch.randn(2, HQ, D, dtype=DTYPE, device="cuda")
+    q = torch.randn(2, HQ, D, dtype=DTYPE, device=DEVICE)
     for step in range(gen):
         pos = prompt + step
         layer.append_one(keys[:, pos], values[:, pos])
@@ -434,12 +461,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="B in {1, 8}, L in {8K, 128K}; no simt, no FlexAttention")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", ""))
     ap.add_argument("--flex-timeout", type=float, default=25.0, help="seconds for the FlexAttention subprocess")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: check this script's plumbing at small sizes (numbers meaningless)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/decode.py needs a CUDA GPU")
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/decode.py needs a CUDA GPU (or --device cpu for a plumbing check)")
     torch.manual_seed(0)
     batches = [1, 8] if args.quick else [1, 4, 8]
     lengths = [8192, 131072] if args.quick else [8192, 32768, 131072]
+    if DEVICE == "cpu":
+        batches, lengths = [1, 2], [4096, 8192]
     rows, records = [], []
     for b in batches:
         for length in lengths:
@@ -450,11 +483,11 @@ def main():
                 records += rec
             except Exception as e:
                 log(f"  shape B={b} L={length} failed: {type(e).__name__}: {str(e)[:300]}")
-                torch.cuda.empty_cache()
+                empty_cache()
     steps = []
-    for b in (1, 8):
+    for b in (1, 8) if DEVICE == "cuda" else (1,):
         try:
-            steps.append(bench_step(b, 32768))
+            steps.append(bench_step(b, 32768 if DEVICE == "cuda" else 4096))
         except Exception as e:
             log(f"  decode step B={b} failed: {type(e).__name__}: {str(e)[:300]}")
     memory = {}
@@ -465,7 +498,7 @@ def main():
         memory = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         log(f"  memory measurement failed: {memory['error']}")
     flex = []
-    if not args.quick:
+    if not args.quick and DEVICE == "cuda":
         log("FlexAttention (subprocess)")
         flex.append(bench_flex(8, 32768, args.flex_timeout))
 
@@ -473,6 +506,13 @@ def main():
           "time; ratio = ours / SDPA time, < 1 means we are faster; SA's SDPA reads the same sink + window keys)")
     print_table(["B", "L", "mode", "layout", "ours ms", "ours TB/s", "SDPA", "SDPA ms", "SDPA TB/s", "ratio",
                  "simt ms", "eager ms"], rows)
+    var_rows = [[r["b"], r["l"], r["ms"]] + [r["variants"].get(k, float("nan")) for k in
+                                             ("ours_interleaved", "ours_1cta", "ours_1cta_interleaved", "ours_simt")]
+                for r in records if r["mode"] == "FA" and r["layout"] == "contiguous" and r.get("variants")]
+    if var_rows:
+        print("\nTuning knobs, FA contiguous (ms): default = contiguous warp shares, 2 CTAs/SM; "
+              "FLUX_DECODE_WARP_ORDER=interleaved; FLUX_DECODE_CTAS_PER_SM=1; simt = CUDA-core kernel")
+        print_table(["B", "L", "default", "interleaved", "1 CTA/SM", "1 CTA/SM + interl.", "simt"], var_rows)
     if steps:
         print("\nWhole decode step in one graph (append_kv + lengths += 1 + decode), L=32K contiguous")
         print_table(["B", "step ms", "decode ms", "append ms"],
@@ -486,10 +526,11 @@ def main():
     print("\nAcceptance (issue 5)")
     print_table(["check", "measured", "pass"], [[a, m, "PASS" if p else "FAIL"] for a, m, p in acc])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    write_results("h200_decode", {"quick": args.quick, "records": records, "decode_step": steps, "memory": memory,
+    name = "h200_decode" if DEVICE == "cuda" else "cpu_decode_smoke"
+    write_results(name, {"quick": args.quick, "records": records, "decode_step": steps, "memory": memory,
                                   "flex": flex, "acceptance": [dict(check=a, measured=m, passed=p) for a, m, p in acc],
                                   "elapsed_s": time.perf_counter() - T0},
-                  [os.path.join(root, "bench", "results"), args.out_dir])
+                  [os.path.join(root, "bench", "results") if DEVICE == "cuda" else "", args.out_dir])
     log("done")
 
 

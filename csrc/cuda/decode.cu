@@ -45,7 +45,11 @@ int choose_num_splits(const DecodeParams& p, SplitKernel kernel, int num_sms) {
   if (p.num_splits > 0) return p.num_splits < kMaxSplits ? p.num_splits : kMaxSplits;
   if (p.batch <= 0 || p.num_heads_k <= 0 || num_sms <= 0) return 1;
   const int64_t units = kernel == SplitKernel::kMma ? mma_work_units(p) : simt_work_units(p);
-  const int64_t slots = int64_t(kCtasPerSm) * num_sms;
+  // FLUX_DECODE_CTAS_PER_SM=1 (tuning knob, measured by bench/decode.py): half the splits, one
+  // CTA per SM with twice the keys each.
+  const char* env = std::getenv("FLUX_DECODE_CTAS_PER_SM");
+  const int ctas_per_sm = env != nullptr && std::strcmp(env, "1") == 0 ? 1 : kCtasPerSm;
+  const int64_t slots = int64_t(ctas_per_sm) * num_sms;
   if (units >= slots) return 1;
   int64_t splits = slots / units;
   int64_t max_keys = p.max_seqlen_k;  // <= 0: unknown

@@ -23,6 +23,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda_utils.cuh"
 #include "decode_common.cuh"
@@ -70,7 +72,7 @@ __device__ __forceinline__ uint32_t tile_offset(int r, int c) {
 // Grid: (num_splits, num_heads_k * row_tiles, batch).
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm)
-    decode_split_mma_kernel(const DecodeParams p, int num_splits, int row_tiles) {
+    decode_split_mma_kernel(const DecodeParams p, int num_splits, int row_tiles, bool interleave) {
   using Cfg = MmaConfig<kHeadDim>;
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -91,11 +93,24 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   const RowRule rule = decode_rule(seqlen, p.seqlen_q, is_streaming(p, b), p.pattern);
   const DecodeKeys keys = decode_keys_for_rows(rule);
   const SplitRange cta = split_range(keys.n_visible, num_splits, split, kTileKeys);
-  // This warp's contiguous share of the split, in whole tiles.
-  const int64_t tiles_per_warp = ceil_div(ceil_div(cta.end - cta.begin, int64_t(kTileKeys)), int64_t(kWarps));
-  const int64_t w_begin = imin(cta.end, cta.begin + warp * tiles_per_warp * kTileKeys);
-  const int64_t w_end = imin(cta.end, w_begin + tiles_per_warp * kTileKeys);
-  const int n_tiles = int(ceil_div(w_end - w_begin, int64_t(kTileKeys)));
+  // This warp's tiles of the split: tile i starts at key w_begin + i * tile_stride. By default a
+  // contiguous share per warp; `interleave` has the warps take turns, so the CTA reads one window
+  // of kWarps * 16 keys at a time (a tuning knob: which one the memory system prefers is measured).
+  // Keys at or past w_end (only in the sequence's last tile) are zero-filled and masked.
+  const int64_t cta_tiles = ceil_div(cta.end - cta.begin, int64_t(kTileKeys));
+  const int64_t w_end = cta.end;
+  int64_t w_begin, tile_stride;
+  int n_tiles;
+  if (interleave) {
+    w_begin = cta.begin + int64_t(warp) * kTileKeys;
+    tile_stride = int64_t(kWarps) * kTileKeys;
+    n_tiles = cta_tiles > warp ? int(ceil_div(cta_tiles - warp, int64_t(kWarps))) : 0;
+  } else {
+    const int64_t tiles_per_warp = ceil_div(cta_tiles, int64_t(kWarps));
+    w_begin = imin(cta.end, cta.begin + warp * tiles_per_warp * kTileKeys);
+    tile_stride = kTileKeys;
+    n_tiles = int(ceil_div(imin(cta.end, w_begin + tiles_per_warp * kTileKeys) - w_begin, int64_t(kTileKeys)));
+  }
 
   // Q as A fragments: qa[kk][0] = (row g, dims 16kk + 2t..), [1] = row g + 8, [2]/[3] = dims + 8.
   // Rows past the group (padding of the 16-row tile) are zero and never written out.
@@ -134,11 +149,11 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   const int64_t k_head_off = int64_t(kvh) * p.k_head_stride + chunk * 8;
   const int64_t v_head_off = int64_t(kvh) * p.v_head_stride + chunk * 8;
 
-  // Copies tile i of this warp (keys w_begin + 16 i ..) into ring slot `slot`. Keys past the
+  // Copies tile i of this warp (keys w_begin + i * tile_stride ..) into ring slot `slot`. Keys past the
   // sequence's visible range are zero-filled (no read) and masked to -inf below, so poisoned or
   // out-of-bounds memory never reaches the math.
   auto issue = [&](int i, int slot) {
-    const int64_t v0 = w_begin + int64_t(i) * kTileKeys;
+    const int64_t v0 = w_begin + int64_t(i) * tile_stride;
     const uint32_t k_dst = ptx::smem_u32(warp_smem + slot * Cfg::kStageBytes);
     const uint32_t v_dst = k_dst + Cfg::kTileBytes;
     const int64_t j0 = keys.key(v0);
@@ -235,7 +250,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 
     // Scale into the log2 domain; mask keys past the visible range and, for several new tokens,
     // keys a row's token does not see. Element e of n-tile nt: row g + 8 (e / 2), key 8 nt + 2 t + e % 2.
-    const int64_t v0 = w_begin + int64_t(i) * kTileKeys;
+    const int64_t v0 = w_begin + int64_t(i) * tile_stride;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -364,6 +379,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   }
 }
 
+// FLUX_DECODE_WARP_ORDER=interleaved: the tuning knob above (host getenv, graph-safe).
+bool interleave_warps() {
+  const char* env = std::getenv("FLUX_DECODE_WARP_ORDER");
+  return env != nullptr && std::strcmp(env, "interleaved") == 0;
+}
+
 template <typename T, int kHeadDim>
 cudaError_t launch(const DecodeParams& p, int num_splits, cudaStream_t stream) {
   using Cfg = MmaConfig<kHeadDim>;
@@ -372,7 +393,7 @@ cudaError_t launch(const DecodeParams& p, int num_splits, cudaStream_t stream) {
   FLUX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const int row_tiles = int(ceil_div(int64_t(p.seqlen_q) * (p.num_heads_q / p.num_heads_k), int64_t(kRows)));
   const dim3 grid(num_splits, p.num_heads_k * row_tiles, p.batch);
-  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(p, num_splits, row_tiles);
+  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(p, num_splits, row_tiles, interleave_warps());
   FLUX_CUDA_CHECK_LAUNCH();
   return cudaSuccess;
 }

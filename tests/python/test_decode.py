@@ -343,28 +343,40 @@ def test_decode_cuda_production_shape(kernel, paged, new_tokens, monkeypatch):
         assert_same_up_to_order(f"{what} lse", l, rows[1])
 
 
+# The CUDA split kernels and the tuning knobs bench/decode.py times (all must be correct).
+KERNEL_CONFIGS = {
+    "tensor-core": {},
+    "cuda-core": {"FLUX_DECODE_KERNEL": "simt"},
+    "interleaved-warps": {"FLUX_DECODE_WARP_ORDER": "interleaved"},
+    "one-cta-per-sm": {"FLUX_DECODE_CTAS_PER_SM": "1", "FLUX_DECODE_WARP_ORDER": "interleaved"},
+}
+
+
 @pytest.mark.cuda
 @cuda_only()
-@pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("heads", [(32, 8), (8, 8), (16, 1), (64, 8)], ids=["gqa4", "mha", "mqa16", "gqa8"])
+@pytest.mark.parametrize("dtype,heads", [(BF16, (32, 8)), (FP16, (32, 8)), (BF16, (8, 8)), (BF16, (16, 1)),
+                                          (BF16, (64, 8))], ids=["bf16-gqa4", "fp16-gqa4", "mha", "mqa16", "gqa8"])
 def test_decode_cuda_kernels_agree_with_reference(dtype, heads, monkeypatch):
-    """Both CUDA kernels on the same inputs (batch 1 at 20K keys: one full wave of splits; batch 3
-    with odd lengths), against the reference; the tensor-core kernel's row tiles cover GQA groups
-    of 1..16 (and 2 row tiles for 64 / 8 heads with 4 new tokens)."""
+    """Both CUDA kernels and the tuning knobs on the same inputs (batch 1 at 20K keys: one full
+    wave of splits; batch 3 with odd lengths), against the reference; the tensor-core kernel's row
+    tiles cover GQA groups of 1..16 (and 2 row tiles for 64 / 8 heads with 4 new tokens)."""
     heads_q, heads_k = heads
-    for lengths, new_tokens in (([20000], 1), ([333, 4097, 17], 1), ([1000, 31], 4)):
+    cases = [([333, 4097, 17], 1), ([1000, 31], 4)]
+    if heads == (32, 8):
+        cases.insert(0, ([20000], 1))
+    for lengths, new_tokens in cases:
         seqs, q = multi_token_inputs(lengths, new_tokens, heads_q, heads_k, 128, dtype, "cuda")
         if new_tokens == 1:
             q = q[:, 0]
         k_cache, v_cache = contiguous_cache(seqs, max(lengths) + 7, heads_k, 128, dtype, "cuda")
         seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
-        results = {}
-        for kernel in ("auto", "simt"):
-            monkeypatch.setenv("FLUX_DECODE_KERNEL", kernel)
-            results[kernel] = fa.decode_attention(q, k_cache, v_cache, seqlens)
-            check_decode(f"decode {kernel} {lengths} Tq={new_tokens}", *results[kernel], q, k_cache, v_cache,
-                         seqlens, dtype)
-        monkeypatch.delenv("FLUX_DECODE_KERNEL")
+        for name, env in KERNEL_CONFIGS.items():
+            for var in ("FLUX_DECODE_KERNEL", "FLUX_DECODE_WARP_ORDER", "FLUX_DECODE_CTAS_PER_SM"):
+                monkeypatch.delenv(var, raising=False)
+            for var, value in env.items():
+                monkeypatch.setenv(var, value)
+            out, lse = fa.decode_attention(q, k_cache, v_cache, seqlens)
+            check_decode(f"decode {name} {lengths} Tq={new_tokens}", out, lse, q, k_cache, v_cache, seqlens, dtype)
 
 
 # ---- the decode step in a CUDA graph -----------------------------------------------------------

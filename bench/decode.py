@@ -407,6 +407,50 @@ print("FLEX_JSON " + json.dumps(out))
 """
 
 
+PROBE_SNIPPET = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import flux_attention as fa
+import torch.nn.functional as F
+torch.manual_seed(0)
+worst = 0.0
+for b, length, paged, sparse in ((1, 8192, False, False), (8, 4096, True, False), (3, 5000, False, True)):
+    q = torch.randn(b, 32, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(b, length, 8, 128, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    lens = torch.full((b,), length, dtype=torch.int32, device="cuda")
+    flags = torch.full((b,), sparse, dtype=torch.bool, device="cuda")
+    if paged:
+        table = torch.arange(b * length // 128, dtype=torch.int32, device="cuda").view(b, -1)
+        out, _ = fa.decode_attention(q, k.view(-1, 128, 8, 128), v.view(-1, 128, 8, 128), lens, block_table=table)
+    else:
+        out, _ = fa.decode_attention(q, k, v, lens, use_sparse=flags)
+    if sparse:
+        lo = ((length - 1) // 128 - 15) * 128
+        keep = torch.cat([torch.arange(128), torch.arange(lo, length)]).cuda()
+        k, v = k[:, keep], v[:, keep]
+    ref = F.scaled_dot_product_attention(q[:, :, None].float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
+                                         enable_gqa=True)[:, :, 0]
+    worst = max(worst, float((out.float() - ref).abs().max()))
+torch.cuda.synchronize()
+print("PROBE_MAX_ERR", worst)
+sys.exit(0 if worst < 0.05 else 3)
+"""
+
+
+def probe_tensor_core_kernel():
+    """Runs the tensor-core kernel on a few shapes in a subprocess (a crash there cannot take this
+    process's CUDA context down). Returns None if it is correct, else why not."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        p = subprocess.run([sys.executable, "-c", PROBE_SNIPPET, root], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "timed out"
+    if p.returncode == 0:
+        return None
+    return f"rc {p.returncode}: " + (p.stdout + p.stderr)[-400:]
+
+
 def bench_flex(b, length, timeout_s):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
@@ -469,6 +513,14 @@ def main():
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/decode.py needs a CUDA GPU (or --device cpu for a plumbing check)")
     torch.manual_seed(0)
+    probe = None
+    if DEVICE == "cuda" and os.environ.get("FLUX_DECODE_KERNEL") != "simt":
+        log("probe: tensor-core decode kernel vs SDPA (subprocess)")
+        probe = probe_tensor_core_kernel()
+        if probe is not None:
+            # Keep the run useful: time the CUDA-core kernel instead, and say so everywhere.
+            log(f"  PROBE FAILED ({probe}); timing FLUX_DECODE_KERNEL=simt instead")
+            os.environ["FLUX_DECODE_KERNEL"] = "simt"
     batches = [1, 8] if args.quick else [1, 4, 8]
     lengths = [8192, 131072] if args.quick else [8192, 32768, 131072]
     if DEVICE == "cpu":
@@ -523,11 +575,13 @@ def main():
     for f in flex:
         print("\nFlexAttention (compiled): " + json.dumps(f))
     acc = acceptance(records, memory)
+    if probe is not None:
+        acc.insert(0, ("tensor-core kernel probe (numbers below are the simt kernel's)", probe[:60], False))
     print("\nAcceptance (issue 5)")
     print_table(["check", "measured", "pass"], [[a, m, "PASS" if p else "FAIL"] for a, m, p in acc])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     name = "h200_decode" if DEVICE == "cuda" else "cpu_decode_smoke"
-    write_results(name, {"quick": args.quick, "records": records, "decode_step": steps, "memory": memory,
+    write_results(name, {"quick": args.quick, "tensor_core_probe_error": probe, "records": records, "decode_step": steps, "memory": memory,
                                   "flex": flex, "acceptance": [dict(check=a, measured=m, passed=p) for a, m, p in acc],
                                   "elapsed_s": time.perf_counter() - T0},
                   [os.path.join(root, "bench", "results") if DEVICE == "cuda" else "", args.out_dir])

@@ -48,7 +48,8 @@ int choose_num_splits(const DecodeParams& p, SplitKernel kernel, int num_sms) {
   // FLUX_DECODE_CTAS_PER_SM=1 (tuning knob, measured by bench/decode.py): half the splits, one
   // CTA per SM with twice the keys each.
   const char* env = std::getenv("FLUX_DECODE_CTAS_PER_SM");
-  const int ctas_per_sm = env != nullptr && std::strcmp(env, "1") == 0 ? 1 : kCtasPerSm;
+  int ctas_per_sm = kernel == SplitKernel::kMma ? mma_ctas_per_sm(p) : kCtasPerSm;
+  if (env != nullptr && std::strcmp(env, "1") == 0) ctas_per_sm = 1;
   const int64_t slots = int64_t(ctas_per_sm) * num_sms;
   if (units >= slots) return 1;
   int64_t splits = slots / units;

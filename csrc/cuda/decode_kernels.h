@@ -15,6 +15,7 @@ namespace flux::decode {
 bool mma_supported(const DecodeParams& p);
 int64_t mma_work_units(const DecodeParams& p);  // CTAs per split
 int64_t mma_granule();                          // keys per warp tile (split chunks are multiples)
+int mma_ctas_per_sm(const DecodeParams& p);     // resident CTAs per SM (occupancy query, cached)
 cudaError_t launch_split_mma(const DecodeParams& p, int num_splits, cudaStream_t stream);
 
 // CUDA-core split kernel (decode_split_simt.cu): every dtype and head dim, the portable fallback.

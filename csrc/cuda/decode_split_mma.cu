@@ -385,12 +385,37 @@ bool interleave_warps() {
   return env != nullptr && std::strcmp(env, "interleaved") == 0;
 }
 
+// Over 48 KB of dynamic shared memory needs an opt-in; cheap, and per device, so done every launch.
+// The whole carveout goes to shared memory so that kCtasPerSm CTAs fit (cp.async.cg bypasses L1).
+template <typename T, int kHeadDim>
+cudaError_t set_attributes() {
+  const auto kernel = decode_split_mma_kernel<T, kHeadDim>;
+  FLUX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       MmaConfig<kHeadDim>::kSmemBytes));
+  FLUX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       int(cudaSharedmemCarveoutMaxShared)));
+  return cudaSuccess;
+}
+
+// Resident CTAs per SM as the occupancy calculator sees them (kCtasPerSm by design; fewer would
+// mean a config that no longer fits, and the split heuristic then still fills exactly one wave).
+template <typename T, int kHeadDim>
+int resident_ctas() {
+  int n = 0;
+  if (set_attributes<T, kHeadDim>() != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_split_mma_kernel<T, kHeadDim>, kThreads,
+                                                    MmaConfig<kHeadDim>::kSmemBytes) != cudaSuccess) {
+    (void)cudaGetLastError();  // a failed query must not leak into the next launch check
+    return kCtasPerSm;
+  }
+  return n < 1 ? 1 : (n > kCtasPerSm ? kCtasPerSm : n);
+}
+
 template <typename T, int kHeadDim>
 cudaError_t launch(const DecodeParams& p, int num_splits, cudaStream_t stream) {
   using Cfg = MmaConfig<kHeadDim>;
   const auto kernel = decode_split_mma_kernel<T, kHeadDim>;
-  // Over 48 KB of dynamic shared memory needs an opt-in; cheap, and per device, so done every launch.
-  FLUX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  FLUX_CUDA_CHECK((set_attributes<T, kHeadDim>()));
   const int row_tiles = int(ceil_div(int64_t(p.seqlen_q) * (p.num_heads_q / p.num_heads_k), int64_t(kRows)));
   const dim3 grid(num_splits, p.num_heads_k * row_tiles, p.batch);
   kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(p, num_splits, row_tiles, interleave_warps());
@@ -419,6 +444,16 @@ int64_t mma_work_units(const DecodeParams& p) {
 }
 
 int64_t mma_granule() { return kTileKeys; }
+
+int mma_ctas_per_sm(const DecodeParams& p) {
+  // Per (dtype, head_dim) and process: the answer depends only on the kernel and the device type.
+  static const int bf16_64 = resident_ctas<__nv_bfloat16, 64>();
+  static const int bf16_128 = resident_ctas<__nv_bfloat16, 128>();
+  static const int f16_64 = resident_ctas<__half, 64>();
+  static const int f16_128 = resident_ctas<__half, 128>();
+  if (p.dtype == DataType::kBFloat16) return p.head_dim == 64 ? bf16_64 : bf16_128;
+  return p.head_dim == 64 ? f16_64 : f16_128;
+}
 
 cudaError_t launch_split_mma(const DecodeParams& p, int num_splits, cudaStream_t stream) {
   if (mma_work_units(p) / p.batch > 65535) return cudaErrorInvalidValue;  // grid.y

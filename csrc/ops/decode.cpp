@@ -154,6 +154,7 @@ std::tuple<Tensor, Tensor> decode_attention_kernel(const Tensor& q_in, const Ten
   } else {
 #ifdef FLUX_WITH_CUDA
     if (!q.device().is_cuda()) fail_no_kernel(op, q);
+    c10::cuda::CUDAGuard guard(q.device());  // the SM count (and split count) of q's device
     const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     p.num_splits = 0;  // let the launcher's heuristic choose from the SM count and cache capacity
     const size_t bytes = flux::decode_workspace_bytes(p, num_sms);

@@ -574,9 +574,9 @@ def main():
               "FLUX_DECODE_WARP_ORDER=interleaved; FLUX_DECODE_CTAS_PER_SM=1; simt = CUDA-core kernel")
         print_table(["B", "L", "default", "interleaved", "1 CTA/SM", "1 CTA/SM + interl.", "simt"], var_rows)
     if steps:
-        print("\nWhole decode step in one graph (append_kv + lengths += 1 + decode), L=32K contiguous")
-        print_table(["B", "step ms", "decode ms", "append ms"],
-                    [[s["b"], s["step_ms"], s["decode_ms"], s["append_overhead_ms"]] for s in steps])
+        print("\nWhole decode step in one graph (append_kv + lengths += 1 + decode), contiguous cache")
+        print_table(["B", "L", "step ms", "decode ms", "append ms"],
+                    [[s["b"], s["l"], s["step_ms"], s["decode_ms"], s["append_overhead_ms"]] for s in steps])
     if memory:
         print("\nKV memory of one layer, SA sequence after a 32K prompt + 4K generated tokens:")
         print("  " + json.dumps(memory))

@@ -11,6 +11,7 @@ import torch  # noqa: F401  (loads libtorch before the extension that links agai
 from . import _C
 from .checkpoint import load_router, save_router
 from .ops import (
+    append_kv,
     decode_attention,
     flux_attention,
     full_attention,
@@ -48,6 +49,7 @@ def build_info() -> dict:
 
 
 __all__ = [
+    "append_kv",
     "build_info",
     "decode_attention",
     "flux_attention",

@@ -35,6 +35,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .ops import append_kv
+
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
 except ImportError as e:  # pragma: no cover - transformers is a hard requirement of this module
@@ -282,13 +284,15 @@ class FluxCacheLayer(CacheLayerMixin):
         self.cache_seqlens += torch.as_tensor(counts, dtype=torch.int32, device=dev)
 
     def append_one(self, k: Tensor, v: Tensor) -> None:
-        """Append one token to every sequence: ``k, v [B, Hkv, D]``. No host read."""
+        """Append one token to every sequence: ``k, v [B, Hkv, D]``. No host read: the rows go
+        through :func:`~flux_attention.ops.append_kv` at positions ``cache_seqlens`` (device)."""
         if self._free_steps > 0:
             self._free_steps -= 1
             self.lengths_host += 1
         else:
             self.plan([1] * self.batch)
-        self.write(k, v, self._seq_ids, self.cache_seqlens)
+        append_kv(self.k_pages, self.v_pages, k.to(self.k_pages.dtype), v.to(self.v_pages.dtype),
+                  self.cache_seqlens, block_table=self.block_table)
         self.cache_seqlens += 1
 
     def gather_past(self, k_new: Tensor, v_new: Tensor, cu_new: Tensor,

@@ -33,6 +33,7 @@ __all__ = [
     "sparse_attention",
     "flux_attention",
     "decode_attention",
+    "append_kv",
     "pool_queries",
     "gumbel_route",
 ]
@@ -166,28 +167,82 @@ def decode_attention(
     local_blocks: int = 16,
     block_size: int = 128,
 ) -> Tuple[Tensor, Tensor]:
-    """One new query token per sequence against a KV cache that already holds its key/value.
+    """New query tokens against a KV cache that already holds their keys/values: one token per
+    sequence (plain decoding) or a few (speculative decoding, ``q [B, Tq, Hq, D]``).
 
     Args:
-        q: ``[B, Hq, D]``.
+        q: ``[B, Hq, D]`` (one new token), or ``[B, Tq, Hq, D]`` for ``Tq`` new tokens per
+            sequence (e.g. ``Tq <= 8`` draft tokens to verify): token ``t`` sits at position
+            ``cache_seqlens[b] - Tq + t`` and attends causally, i.e. to the cached prefix and to
+            the new tokens before it (bottom-right aligned, as :func:`full_attention` with
+            ``Sq < Sk``). For Tq = 3 new tokens n0..n2 after 2 cached ones c0, c1::
+
+                      c0 c1 n0 n1 n2
+                  n0   1  1  1  0  0
+                  n1   1  1  1  1  0
+                  n2   1  1  1  1  1
+
         k_cache, v_cache: contiguous ``[B, capacity, Hkv, D]``, or paged ``[num_pages, page_size,
             Hkv, D]`` with ``block_table``.
-        cache_seqlens: int32 ``[B]``, tokens in each sequence's cache including the new one; the
-            query sits at position ``cache_seqlens[b] - 1``.
+        cache_seqlens: int32 ``[B]``, tokens in each sequence's cache including the new ones.
         block_table: int32 ``[B, max_pages]``: logical page i of sequence b is physical page
             ``block_table[b, i]``.
         use_sparse: optional bool ``[B]``: sequences flagged read only their sink and local window
-            (the :func:`sparse_attention` rule at the query's position), so evicted pages are never
-            touched.
+            (the :func:`sparse_attention` rule at each new token's position), so evicted pages are
+            never touched and an SA decode costs O(sink + window) whatever the context length.
         scale, sink_tokens, local_blocks, block_size: as :func:`sparse_attention`.
 
     Returns:
-        ``(out [B, Hq, D], lse [B, Hq] fp32)``. Not differentiable.
+        ``(out, lse)``: out shaped like q; lse fp32 ``[B, Hq]`` (or ``[B, Hq, Tq]``). Not
+        differentiable. Rows that see no key (cache_seqlens[b] <= t's offset) give 0 and -inf.
+
+    CUDA: no host synchronisation and a split count fixed by shapes and the cache capacity, so a
+    decode step (:func:`append_kv`, ``cache_seqlens += Tq``, this) replays in a CUDA graph. fp16 /
+    bf16 with D in {64, 128} run on tensor cores; ``FLUX_DECODE_KERNEL=simt`` forces the CUDA-core
+    kernel that serves every other case.
+
+    >>> k_cache = torch.zeros(2, 4096, 8, 128, dtype=torch.bfloat16, device="cuda")
+    >>> v_cache = torch.zeros_like(k_cache)
+    >>> lens = torch.tensor([100, 3000], dtype=torch.int32, device="cuda")
+    >>> k1 = torch.randn(2, 8, 128, dtype=torch.bfloat16, device="cuda"); v1 = torch.randn_like(k1)
+    >>> fa.append_kv(k_cache, v_cache, k1, v1, lens)   # writes position lens[b]
+    >>> lens += 1
+    >>> q = torch.randn(2, 32, 128, dtype=torch.bfloat16, device="cuda")
+    >>> out, lse = fa.decode_attention(q, k_cache, v_cache, lens)
     """
     return _ops.decode_attention(
         q, k_cache, v_cache, cache_seqlens, block_table, use_sparse, scale,
         sink_tokens, local_blocks, block_size,
     )
+
+
+def append_kv(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    positions: Tensor,
+    *,
+    block_table: Optional[Tensor] = None,
+) -> None:
+    """Write new key/value rows into a KV cache, in place, on the cache's device.
+
+    Args:
+        k_cache, v_cache: the cache, laid out as for :func:`decode_attention` (contiguous
+            ``[B, capacity, Hkv, D]`` or paged ``[num_pages, page_size, Hkv, D]``); written in
+            place, so the last dimension must be contiguous.
+        k_new, v_new: ``[B, Hkv, D]`` (one row per sequence) or ``[B, Tn, Hkv, D]``, same dtype as
+            the cache.
+        positions: int32 ``[B]``: row t of sequence b goes to cache position ``positions[b] + t``
+            (pass the cache lengths *before* the append, then add Tn to them).
+        block_table: int32 ``[B, max_pages]`` for a paged cache; the pages the rows land on must
+            be mapped.
+
+    Rows outside the cache (``positions[b] + t`` not in ``[0, capacity)``, or an unmapped page)
+    raise on CPU; on CUDA, where checking would need a host sync, they are not written. No host
+    synchronisation or allocation: capturable in a CUDA graph.
+    """
+    _ops.append_kv(k_cache, v_cache, k_new, v_new, positions, block_table)
 
 
 def pool_queries(

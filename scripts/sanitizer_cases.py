@@ -48,6 +48,13 @@ def run(small: bool) -> None:
         pages_v = cache_v.reshape(3 * 300 // 20, 20, 2, d)
         table = torch.randperm(45, device=dev, dtype=torch.int32).reshape(3, 15)
         fa.decode_attention(qd, pages_k, pages_v, seqlens, block_table=table)
+        # several new tokens (speculative decoding), and the KV append of a decode step
+        q4 = torch.randn(3, 5, 8, d, device=dev, dtype=dt)
+        fa.decode_attention(q4, pages_k, pages_v, seqlens, block_table=table, use_sparse=flags, sink_tokens=16,
+                            local_blocks=2, block_size=16)
+        k_new = torch.randn(3, 2, 2, d, device=dev, dtype=dt)
+        fa.append_kv(pages_k, pages_v, k_new, k_new.clone(), seqlens - 2, block_table=table)
+        fa.append_kv(cache_k, cache_v, k_new[:, 0], k_new[:, 0].clone(), seqlens - 1)
         # router pooling
         qp = torch.randn(2, 333, 8, d, device=dev, dtype=dt, requires_grad=True)
         fa.pool_queries(qp, pool_size=150).float().sum().backward()

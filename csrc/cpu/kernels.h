@@ -17,6 +17,9 @@ void attention_bwd(const AttnBwdParams& params);
 // csrc/cpu/decode.cpp
 void decode_attention(const DecodeParams& params);
 
+// csrc/cpu/append_kv.cpp (positions and pages checked by the op layer)
+void append_kv(const AppendKVParams& params);
+
 // csrc/cpu/pool.cpp
 void pool_queries(const PoolParams& params);
 void pool_queries_bwd(const PoolBwdParams& params);

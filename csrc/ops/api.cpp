@@ -66,6 +66,11 @@ std::tuple<Tensor, Tensor> decode_attention(const Tensor& q, const Tensor& k_cac
                                           pattern.local_blocks, pattern.block_size);
 }
 
+void append_kv(const Tensor& k_cache, const Tensor& v_cache, const Tensor& k_new, const Tensor& v_new,
+               const Tensor& positions, const std::optional<Tensor>& block_table) {
+  handles::append_kv().call(k_cache, v_cache, k_new, v_new, positions, block_table);
+}
+
 Tensor pool_queries(const Tensor& q, const std::optional<Tensor>& cu_seqlens, int64_t pool_size,
                     const std::optional<Tensor>& attention_mask) {
   return handles::pool_queries().call(q, cu_seqlens, pool_size, attention_mask);

@@ -47,14 +47,22 @@ std::tuple<at::Tensor, at::Tensor> flux_attention(const at::Tensor& q, const at:
                                                   std::optional<double> scale = std::nullopt,
                                                   const std::optional<Varlen>& varlen = std::nullopt);
 
-// q [B, Hq, D]; contiguous cache [B, capacity, Hkv, D] or paged [pages, page_size, Hkv, D] with
-// block_table [B, max_pages] (int32); cache_seqlens [B] (int32) counts the new token.
-// -> out [B, Hq, D], lse [B, Hq].
+// q [B, Hq, D] (or [B, Tq, Hq, D]: Tq new tokens, causal among themselves at the end of the cache);
+// contiguous cache [B, capacity, Hkv, D] or paged [pages, page_size, Hkv, D] with block_table
+// [B, max_pages] (int32); cache_seqlens [B] (int32) counts the new tokens.
+// -> out shaped like q, lse [B, Hq] (or [B, Hq, Tq]).
 std::tuple<at::Tensor, at::Tensor> decode_attention(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table = std::nullopt,
     const std::optional<at::Tensor>& use_sparse = std::nullopt, Streaming pattern = {},
     std::optional<double> scale = std::nullopt);
+
+// Writes k_new / v_new ([B, Hkv, D] or [B, Tn, Hkv, D]) into the cache in place at positions
+// positions[b] + t (positions: int32 [B], the lengths before the append); same cache layouts as
+// decode_attention. No host synchronisation on CUDA.
+void append_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+               const at::Tensor& v_new, const at::Tensor& positions,
+               const std::optional<at::Tensor>& block_table = std::nullopt);
 
 // q varlen [total, H, D] with cu_seqlens, or padded [B, S, H, D] with an optional attention_mask
 // [B, S] (bool or integer, 1 = token) -> [B, D] in q's dtype.

@@ -1,4 +1,5 @@
-// decode_attention: one new query token per sequence against a contiguous or paged KV cache.
+// decode_attention: one new query token (or a few: q [B, Tq, Hq, D]) per sequence against a
+// contiguous or paged KV cache.
 #include "decode.h"
 
 #include <ATen/ATen.h>
@@ -55,20 +56,29 @@ std::tuple<Tensor, Tensor> decode_attention_kernel(const Tensor& q_in, const Ten
   const flux::DataType dtype = checks::kernel_dtype(op, "q", q_in);
   checks::check_same_dtype(op, "k_cache", k_in, "q", q_in);
   checks::check_same_dtype(op, "v_cache", v_in, "q", q_in);
-  FLUX_CHECK(q_in.dim() == 3, op, "q must be [batch, heads, head_dim]; got ", describe(q_in));
+  FLUX_CHECK(q_in.dim() == 3 || q_in.dim() == 4, op,
+             "q must be [batch, heads, head_dim] or, for several new tokens per sequence, [batch, "
+             "new_tokens, heads, head_dim]; got ",
+             describe(q_in));
+  // One code path for both layouts: a [B, Hq, D] query is the Tq = 1 case of [B, Tq, Hq, D].
+  const bool multi = q_in.dim() == 4;
   FLUX_CHECK(k_in.dim() == 4, op,
              "k_cache must be [batch, capacity, kv_heads, head_dim] or, with block_table, "
              "[num_pages, page_size, kv_heads, head_dim]; got ",
              describe(k_in));
   FLUX_CHECK(v_in.sizes() == k_in.sizes(), op, "v_cache must have the shape of k_cache; got v_cache ",
              describe(v_in), ", k_cache ", describe(k_in));
-  const int64_t batch = q_in.size(0), heads_q = q_in.size(1), head_dim = q_in.size(2);
+  const int64_t batch = q_in.size(0);
+  const int64_t new_tokens = multi ? q_in.size(1) : 1;
+  const int64_t heads_q = q_in.size(-2), head_dim = q_in.size(-1);
   const int64_t heads_k = k_in.size(2);
-  FLUX_CHECK(k_in.size(3) == head_dim, op, "k_cache.size(3) (head_dim) must equal q.size(2) (",
-             head_dim, "); got k_cache ", describe(k_in));
+  FLUX_CHECK(k_in.size(3) == head_dim, op, "k_cache.size(3) (head_dim) must equal q.size(", q_in.dim() - 1,
+             ") (", head_dim, "); got k_cache ", describe(k_in));
   FLUX_CHECK(heads_k > 0 && heads_q % heads_k == 0, op,
-             "k_cache.size(2) (kv heads) must divide q.size(1) (q heads); got k_cache ",
+             "k_cache.size(2) (kv heads) must divide q.size(", q_in.dim() - 2, ") (q heads); got k_cache ",
              describe(k_in), ", q ", describe(q_in));
+  FLUX_CHECK(batch * new_tokens <= 65535, op, "batch * new_tokens must be at most 65535; got q ",
+             describe(q_in));
   checks::check_head_dim(op, q_in, head_dim);
   checks::check_int32_vector(op, "cache_seqlens", cache_seqlens, batch, q_in);
 
@@ -108,7 +118,8 @@ std::tuple<Tensor, Tensor> decode_attention_kernel(const Tensor& q_in, const Ten
   const Tensor flags = use_sparse ? use_sparse->contiguous() : Tensor();
 
   Tensor out = at::empty(q.sizes(), q.options());
-  Tensor lse = at::empty({batch, heads_q}, q.options().dtype(at::kFloat));
+  Tensor lse = multi ? at::empty({batch, heads_q, new_tokens}, q.options().dtype(at::kFloat))
+                     : at::empty({batch, heads_q}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
 
   p.dtype = dtype;
@@ -117,12 +128,16 @@ std::tuple<Tensor, Tensor> decode_attention_kernel(const Tensor& q_in, const Ten
   p.v_cache = v.data_ptr();
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1);
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(-2);
+  p.q_token_stride = multi ? q.stride(1) : 0;
   p.k_page_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
   p.v_page_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
-  p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1);
-  p.lse_batch_stride = lse.stride(0);
+  p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(-2);
+  p.o_token_stride = multi ? out.stride(1) : 0;
+  p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
+  p.lse_token_stride = multi ? lse.stride(2) : 0;
   p.batch = static_cast<int>(batch);
+  p.seqlen_q = static_cast<int>(new_tokens);
   p.num_heads_q = static_cast<int>(heads_q);
   p.num_heads_k = static_cast<int>(heads_k);
   p.head_dim = static_cast<int>(head_dim);
@@ -139,6 +154,7 @@ std::tuple<Tensor, Tensor> decode_attention_kernel(const Tensor& q_in, const Ten
   } else {
 #ifdef FLUX_WITH_CUDA
     if (!q.device().is_cuda()) fail_no_kernel(op, q);
+    c10::cuda::CUDAGuard guard(q.device());  // the SM count (and split count) of q's device
     const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     p.num_splits = 0;  // let the launcher's heuristic choose from the SM count and cache capacity
     const size_t bytes = flux::decode_workspace_bytes(p, num_sms);

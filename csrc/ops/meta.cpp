@@ -53,8 +53,18 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_meta(
 std::tuple<Tensor, Tensor> decode_attention_meta(const Tensor& q, const Tensor&, const Tensor&,
                                                  const Tensor&, const OptTensor&, const OptTensor&,
                                                  std::optional<double>, int64_t, int64_t, int64_t) {
+  // q [B, Hq, D] -> lse [B, Hq]; q [B, Tq, Hq, D] -> lse [B, Hq, Tq].
+  if (q.dim() == 4) {
+    return {at::empty_symint(q.sym_sizes(), q.options()),
+            at::empty_symint({q.sym_size(0), q.sym_size(2), q.sym_size(1)}, q.options().dtype(at::kFloat))};
+  }
   return {at::empty_symint(q.sym_sizes(), q.options()),
           at::empty_symint({q.sym_size(0), q.sym_size(1)}, q.options().dtype(at::kFloat))};
+}
+
+void append_kv_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                    const OptTensor&) {
+  // Mutates the caches in place: nothing to allocate, no shape to produce.
 }
 
 Tensor pool_queries_meta(const Tensor& q, const OptTensor& cu_seqlens, int64_t, const OptTensor&) {

@@ -35,6 +35,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_meta(
     const at::Tensor& cache_seqlens, const MetaOptTensor& block_table,
     const MetaOptTensor& use_sparse, std::optional<double> scale, int64_t sink_tokens,
     int64_t local_blocks, int64_t block_size);
+void append_kv_meta(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                    const at::Tensor& v_new, const at::Tensor& positions, const MetaOptTensor& block_table);
 at::Tensor pool_queries_meta(const at::Tensor& q, const MetaOptTensor& cu_seqlens, int64_t pool_size,
                              const MetaOptTensor& attention_mask);
 at::Tensor pool_queries_backward_meta(const at::Tensor& grad, const at::Tensor& q,

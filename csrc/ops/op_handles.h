@@ -46,6 +46,9 @@ FLUX_OP_HANDLE(decode_attention, "decode_attention",
                TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                           const OptTensor&, const OptTensor&, std::optional<double>, int64_t,
                           int64_t, int64_t))
+FLUX_OP_HANDLE(append_kv, "append_kv",
+               void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                    const OptTensor&))
 FLUX_OP_HANDLE(pool_queries, "pool_queries",
                Tensor(const Tensor&, const OptTensor&, int64_t, const OptTensor&))
 FLUX_OP_HANDLE(pool_queries_backward, "pool_queries_backward",

@@ -2,6 +2,7 @@
 // one kernel per op: it checks inputs and hands params to the device's kernel (csrc/ops/device.h).
 #include <torch/library.h>
 
+#include "append_kv.h"
 #include "attention.h"
 #include "autograd.h"
 #include "decode.h"
@@ -39,6 +40,10 @@ TORCH_LIBRARY(flux_attention, m) {
       "Tensor? block_table=None, Tensor? use_sparse=None, float? scale=None, int sink_tokens=128, "
       "int local_blocks=16, int block_size=128) -> (Tensor out, Tensor lse)",
       tags);
+  m.def(
+      "append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor positions, "
+      "Tensor? block_table=None) -> ()",
+      tags);
   m.def("pool_queries(Tensor q, Tensor? cu_seqlens=None, int pool_size=150, "
         "Tensor? attention_mask=None) -> Tensor",
         tags);
@@ -60,6 +65,7 @@ TORCH_LIBRARY(flux_attention, m) {
   m.impl("flux_attention", &flux_attention::flux_attention_kernel);     \
   m.impl("attention_backward", &flux_attention::attention_backward_kernel); \
   m.impl("decode_attention", &flux_attention::decode_attention_kernel); \
+  m.impl("append_kv", &flux_attention::append_kv_kernel);               \
   m.impl("pool_queries", &flux_attention::pool_queries_kernel);         \
   m.impl("pool_queries_backward", &flux_attention::pool_queries_backward_kernel)
 
@@ -75,6 +81,7 @@ TORCH_LIBRARY_IMPL(flux_attention, Meta, m) {
   m.impl("flux_attention", &flux_attention::flux_attention_meta);
   m.impl("attention_backward", &flux_attention::attention_backward_meta);
   m.impl("decode_attention", &flux_attention::decode_attention_meta);
+  m.impl("append_kv", &flux_attention::append_kv_meta);
   m.impl("pool_queries", &flux_attention::pool_queries_meta);
   m.impl("pool_queries_backward", &flux_attention::pool_queries_backward_meta);
 }

@@ -112,7 +112,7 @@ TEST_CASE("decode_attention validates the cache and its metadata", "[errors][dec
   const at::Tensor q = f32({2, 4, 16});
   const at::Tensor kc = f32({2, 10, 2, 16}), vc = f32({2, 10, 2, 16});
   const auto D = HasText(op("decode_attention"));
-  REQUIRE_THROWS_WITH(flux_attention::decode_attention(f32({2, 1, 4, 16}), kc, vc, i32({3, 4})),
+  REQUIRE_THROWS_WITH(flux_attention::decode_attention(f32({2, 1, 1, 4, 16}), kc, vc, i32({3, 4})),
                       D && HasText("q must be [batch, heads, head_dim]"));
   REQUIRE_THROWS_WITH(flux_attention::decode_attention(q, kc, vc, i32({3, 11})),
                       D && HasText("cache_seqlens[1]"));

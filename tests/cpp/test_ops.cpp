@@ -509,6 +509,41 @@ TEST_CASE("decode_attention equals the last row of sparse/full attention", "[ops
   CHECK(max_abs_diff(lse_dec[0], lse_prefill[0].select(1, len - 1)) <= 1e-5);
 }
 
+TEST_CASE("decode_attention with several new tokens equals the last rows of the prefill ops", "[ops][decode]") {
+  // q [1, Tq, Hq, D]: the Tq tokens are causal among themselves, each with its own window.
+  at::manual_seed(29);
+  const int64_t len = 37, tq = 5, hq = 4, hkv = 2, d = 16;
+  const Streaming pattern{4, 2, 4};
+  const at::Tensor q = randn({1, len, hq, d}, at::kDouble);
+  const at::Tensor k = randn({1, len, hkv, d}, at::kDouble);
+  const at::Tensor v = randn({1, len, hkv, d}, at::kDouble);
+  const bool sparse = GENERATE(false, true);
+  const auto [out_prefill, lse_prefill] = sparse
+      ? flux_attention::sparse_attention(q, k, v, pattern)
+      : flux_attention::full_attention(q, k, v, /*causal=*/true);
+  const auto [out_dec, lse_dec] = flux_attention::decode_attention(
+      q.slice(1, len - tq, len), k, v, int32_tensor({len}), std::nullopt, bool_tensor({sparse}), pattern);
+  REQUIRE(lse_dec.sizes() == at::IntArrayRef({1, hq, tq}));
+  CHECK(max_abs_diff(out_dec[0], out_prefill[0].slice(0, len - tq, len)) <= 1e-9);
+  CHECK(max_abs_diff(lse_dec[0], lse_prefill[0].slice(1, len - tq, len)) <= 1e-5);
+}
+
+TEST_CASE("append_kv writes rows at the given positions, then decode reads them", "[ops][decode]") {
+  at::manual_seed(31);
+  const int64_t hkv = 2, d = 16;
+  const at::Tensor k_cache = at::full({2, 12, hkv, d}, kNaN, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor v_cache = at::full({2, 12, hkv, d}, kNaN, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor k_new = randn({2, 3, hkv, d}, at::kFloat);
+  const at::Tensor v_new = randn({2, 3, hkv, d}, at::kFloat);
+  flux_attention::append_kv(k_cache, v_cache, k_new, v_new, int32_tensor({0, 9}));
+  CHECK(at::equal(k_cache[0].slice(0, 0, 3), k_new[0]));
+  CHECK(at::equal(v_cache[1].slice(0, 9, 12), v_new[1]));
+  CHECK(at::isnan(k_cache[0].slice(0, 3)).all().item<bool>());
+  CHECK(at::isnan(k_cache[1].slice(0, 0, 9)).all().item<bool>());
+  REQUIRE_THROWS_WITH(flux_attention::append_kv(k_cache, v_cache, k_new, v_new, int32_tensor({0, 10})),
+                      flux_test::HasText("flux_attention.append_kv: positions[1] = 10"));
+}
+
 // ---- pool_queries ----
 
 namespace {

@@ -146,23 +146,45 @@ def gather_cache(cache, b, length, block_table=None):
 
 def decode_ref(q, k_cache, v_cache, cache_seqlens, *, block_table=None, use_sparse=None, scale=None,
                sink_tokens=128, local_blocks=16, block_size=128, dtype=torch.float64):
-    """Reference for decode_attention: q [B, Hq, D] is the token at position cache_seqlens[b] - 1,
-    attending causally (and, where use_sparse[b], with the streaming rule) to the cached keys.
-    -> out [B, Hq, D], lse [B, Hq]."""
+    """Reference for decode_attention. q [B, Hq, D] is the token at position cache_seqlens[b] - 1;
+    q [B, Tq, Hq, D] holds Tq tokens at positions cache_seqlens[b] - Tq + t, causal among themselves
+    (bottom-right aligned). Each attends to the cached keys (with the streaming rule of its own
+    position where use_sparse[b]). -> out shaped like q, lse [B, Hq] (or [B, Hq, Tq])."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    multi = q.dim() == 4
+    qq = q if multi else q[:, None]
+    new_tokens = qq.shape[1]
     lengths = cache_seqlens.tolist()
     flags = [False] * len(lengths) if use_sparse is None else [bool(x) for x in use_sparse.tolist()]
     outs, lses = [], []
     for b, length in enumerate(lengths):
         kb = gather_cache(k_cache, b, length, block_table)
         vb = gather_cache(v_cache, b, length, block_table)
-        mask = visible_mask(1, length, causal=True, streaming=flags[b], sink_tokens=sink_tokens,
+        mask = visible_mask(new_tokens, length, causal=True, streaming=flags[b], sink_tokens=sink_tokens,
                             local_blocks=local_blocks, block_size=block_size, device=q.device)
-        out, lse = _attend(q[b:b + 1], kb, vb, mask, scale, dtype)
-        outs.append(out[0])
-        lses.append(lse[:, 0])
+        out, lse = _attend(qq[b], kb, vb, mask, scale, dtype)  # [Tq, Hq, D], [Hq, Tq]
+        outs.append(out if multi else out[0])
+        lses.append(lse if multi else lse[:, 0])
     return torch.stack(outs, dim=0), torch.stack(lses, dim=0)
+
+
+def append_kv_ref(k_cache, v_cache, k_new, v_new, positions, *, block_table=None):
+    """Reference for append_kv: copies of the caches with row t of sequence b written at position
+    positions[b] + t (through block_table when paged). k_new [B, Hkv, D] or [B, Tn, Hkv, D]."""
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    if k_new.dim() == 3:
+        k_new, v_new = k_new[:, None], v_new[:, None]
+    for b, start in enumerate(positions.tolist()):
+        for t in range(k_new.shape[1]):
+            pos = start + t
+            if block_table is None:
+                page, row = b, pos
+            else:
+                page, row = int(block_table[b, pos // k_cache.shape[1]]), pos % k_cache.shape[1]
+            k_cache[page, row] = k_new[b, t]
+            v_cache[page, row] = v_new[b, t]
+    return k_cache, v_cache
 
 
 def pool_ref(q, cu_seqlens=None, pool_size=150, *, attention_mask=None, dtype=torch.float64):

@@ -275,3 +275,79 @@ def test_two_thousand_token_generation_memory():
     assert watch.max_held[1].max() <= 128 + 2 * 128
     assert sa_layer["bytes_held"] < 0.2 * sa_layer["bytes_dense"]
     assert 0.35 < report["saved_fraction"] < 0.5
+
+
+def poison_unmapped(layer):
+    """NaN into every page no sequence maps (page 0 included), so reading an evicted page fails."""
+    unmapped = torch.ones(layer.k_pages.shape[0], dtype=torch.bool)
+    unmapped[layer.block_table_host.flatten().long()] = False
+    unmapped[0] = True
+    unmapped = unmapped.to(layer.k_pages.device)
+    layer.k_pages[unmapped] = float("nan")
+    layer.v_pages[unmapped] = float("nan")
+
+
+def test_sa_layer_after_32k_prompt_and_4k_generation(device):
+    """The acceptance measurement at the production pattern (sink 128 + 16 blocks of 128): one
+    layer's cache, a 32K-token prompt, then 4096 decode steps through append_kv. Sequence 0 is
+    routed SA, sequence 1 FA. Measured after every step: the SA sequence never holds more than
+    sink + window (+ one page, the issue's bound), the FA one holds everything; pages are not
+    leaked; decoding over the evicted cache (unmapped pages NaN) equals sparse_attention /
+    full_attention over the whole sequence. A second, SA-only layer shows freed pages are reused:
+    its pool does not grow during generation. Small heads on CPU, the real ones on CUDA."""
+    from flux_attention.cache import FluxCacheLayer
+
+    from utils import assert_same_up_to_order
+
+    sink, local, bs = 128, 16, 128
+    prompt, gen = 32768, 4096
+    # bf16 on both devices: decode and the prefill op then agree to one bf16 rounding, where fp32
+    # over 36K keys would differ by accumulation order beyond the fp32 bound.
+    hq, hk, d, dtype = (4, 1, 16, torch.bfloat16) if device == "cpu" else (32, 8, 128, torch.bfloat16)
+    total = prompt + gen
+    keys = torch.randn(2, total, hk, d, device=device).to(dtype)
+    values = torch.randn(2, total, hk, d, device=device).to(dtype)
+
+    def new_layer(flags):
+        layer = FluxCacheLayer()
+        layer.lazy_initialization(keys, values)
+        layer.start(len(flags), torch.tensor(flags, device=device), block_size=bs, sink_tokens=sink,
+                    local_blocks=local, num_heads_k=hk, head_dim=d)
+        n = len(flags)
+        cu = torch.arange(n + 1, dtype=torch.int32, device=device) * prompt
+        layer.append_varlen(keys[:n, :prompt].reshape(-1, hk, d), values[:n, :prompt].reshape(-1, hk, d), cu,
+                            [prompt] * n)
+        return layer
+
+    mixed = new_layer([True, False])
+    sa_only = new_layer([True])
+    sa_pool = sa_only.k_pages.shape[0]
+    bound = sink + local * bs
+    max_held = 0
+    checkpoints = {0, 1, bs - 1, bs, 2047, gen - 1}
+    for step in range(gen):
+        pos = prompt + step
+        mixed.append_one(keys[:, pos], values[:, pos])
+        sa_only.append_one(keys[:1, pos], values[:1, pos])
+        held = mixed.tokens_held()
+        max_held = max(max_held, int(held[0]), int(sa_only.tokens_held()[0]))
+        assert int(held[1]) == pos + 1, (step, held)
+        if step not in checkpoints:
+            continue
+        poison_unmapped(mixed)
+        q = torch.randn(2, hq, d, device=device).to(dtype)
+        out, lse = fa.decode_attention(q, mixed.k_pages, mixed.v_pages, mixed.cache_seqlens,
+                                       block_table=mixed.block_table, use_sparse=mixed.use_sparse)
+        n = pos + 1
+        ref_sa = fa.sparse_attention(q[0][None, None], keys[0, :n][None], values[0, :n][None])
+        ref_fa = fa.full_attention(q[1][None, None], keys[1, :n][None], values[1, :n][None], causal=True)
+        for b, (ref_out, ref_lse) in enumerate((ref_sa, ref_fa)):
+            what = f"step {step}, sequence {b} ({'SA' if b == 0 else 'FA'}) decode vs prefill op"
+            assert_same_up_to_order(f"{what} out", out[b], ref_out[0, 0])
+            assert_same_up_to_order(f"{what} lse", lse[b], ref_lse[0, :, 0])
+    assert max_held <= bound + bs, max_held  # the acceptance bound: sink + window + one page
+    assert max_held <= bound, max_held  # what eviction guarantees
+    assert mixed.tokens_held().tolist() == [bound, total]
+    assert mixed.pages_in_use() == int((mixed.block_table_host != 0).sum())  # no leaked pages
+    assert sa_only.k_pages.shape[0] == sa_pool, (sa_pool, sa_only.k_pages.shape[0])  # freed pages reused
+    assert sa_only.pages_in_use() == sink // bs + local

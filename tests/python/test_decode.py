@@ -1,4 +1,5 @@
-"""decode_attention: one new token per sequence against a contiguous or paged KV cache.
+"""decode_attention: one new token (or a few, q [B, Tq, Hq, D]) per sequence against a contiguous
+or paged KV cache, and the decode step (append_kv + decode) inside a CUDA graph.
 
 The decode result must equal the last row of the prefill op over the same keys (full_attention for
 dense sequences, sparse_attention for use_sparse ones) and the float64 reference. Cache slots past
@@ -82,7 +83,8 @@ def check_decode(name, out, lse, q, k_cache, v_cache, seqlens, dtype, prefill=No
         return lowp["v"]
 
     assert out.shape == q.shape and out.dtype == q.dtype, name
-    assert lse.shape == q.shape[:2] and lse.dtype == FP32, name
+    lse_shape = (q.shape[0], q.shape[1]) if q.dim() == 3 else (q.shape[0], q.shape[2], q.shape[1])
+    assert lse.shape == lse_shape and lse.dtype == FP32, name
     assert_matches(f"{name} out", out, ref_out, lambda: lowp_ref()[0], dtype)
     assert_matches(f"{name} lse", lse, ref_lse, lambda: lowp_ref()[1], dtype)
     if prefill is not None:
@@ -221,3 +223,233 @@ def test_decode_default_pattern_long(device, paged):
     prefill = prefill_last_rows(seqs, use_sparse.tolist(), {})
     check_decode("decode default", out, lse, q, k_cache, v_cache, seqlens, BF16, prefill=prefill,
                  block_table=table, use_sparse=use_sparse)
+
+
+# ---- several new tokens per sequence (speculative decoding): q [B, Tq, Hq, D] -------------------
+
+def multi_token_inputs(lengths, new_tokens, heads_q, heads_k, head_dim, dtype, device):
+    """Sequences, and the decode query [B, Tq, Hq, D]: the last Tq prefill queries of a sequence
+    that has at least Tq tokens (so decode must equal the prefill's last Tq rows), random rows for
+    shorter ones (their first tokens sit at negative positions and see nothing)."""
+    seqs = make_sequences(lengths, heads_q, heads_k, head_dim, dtype, device)
+    q = randn(len(lengths), new_tokens, heads_q, head_dim, dtype=dtype, device=device)
+    for b, (qs, _, _) in enumerate(seqs):
+        if qs.shape[0] >= new_tokens:
+            q[b] = qs[-new_tokens:]
+    return seqs, q
+
+
+def prefill_last_rows_multi(seqs, flags, pattern, new_tokens):
+    """The last new_tokens rows of the prefill op per sequence (None where the sequence is shorter)."""
+    rows = []
+    for (q, k, v), sparse in zip(seqs, flags):
+        if q.shape[0] < new_tokens:
+            rows.append(None)
+            continue
+        if sparse:
+            out, lse = fa.sparse_attention(q[None], k[None], v[None], **pattern)
+        else:
+            out, lse = fa.full_attention(q[None], k[None], v[None], causal=True)
+        rows.append((out[0, -new_tokens:], lse[0, :, -new_tokens:]))
+    return rows
+
+
+@pytest.mark.parametrize("new_tokens", [2, 5, 8])
+@pytest.mark.parametrize("flags", list(FLAG_CASES))
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decode_multi_token_matches_prefill(device, new_tokens, flags, paged):
+    """Tq new tokens, causal among themselves, each with the SA window of its own position (the
+    SMALL pattern's 16-token blocks make the Tq tokens straddle block boundaries)."""
+    heads_q, heads_k, head_dim, dtype = 8, 2, 64, BF16
+    flag_list = FLAG_CASES[flags]
+    seqs, q = multi_token_inputs(LENGTHS, new_tokens, heads_q, heads_k, head_dim, dtype, device)
+    seqlens = torch.tensor(LENGTHS, dtype=torch.int32, device=device)
+    use_sparse = None if flag_list is None else torch.tensor(flag_list, device=device)
+    if paged:
+        k_cache, v_cache, table = paged_cache(seqs, 16, heads_k, head_dim, dtype, device)
+    else:
+        k_cache, v_cache = contiguous_cache(seqs, 140, heads_k, head_dim, dtype, device)
+        table = None
+    out, lse = fa.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, use_sparse=use_sparse,
+                                   **SMALL)
+    assert out.shape == q.shape and lse.shape == (len(LENGTHS), heads_q, new_tokens)
+    check_decode("decode multi-token", out, lse, q, k_cache, v_cache, seqlens, dtype, block_table=table,
+                 use_sparse=use_sparse, **SMALL)
+    prefill = prefill_last_rows_multi(seqs, flag_list or [False] * len(seqs), SMALL, new_tokens)
+    for b, rows in enumerate(prefill):
+        if rows is None:
+            continue
+        what = f"sequence {b} (length {LENGTHS[b]}, Tq {new_tokens}) decode vs prefill's last rows"
+        assert_same_up_to_order(f"{what} out", out[b], rows[0])
+        assert_same_up_to_order(f"{what} lse", lse[b], rows[1])
+
+
+def test_decode_multi_token_one_token_equals_3d(device):
+    """q [B, 1, Hq, D] is the 3-D call with a token axis: same values, lse [B, Hq, 1]."""
+    seqs = make_sequences([40, 77], 4, 2, 64, FP32, device)
+    k_cache, v_cache = contiguous_cache(seqs, 80, 2, 64, FP32, device)
+    q = torch.stack([s[0][-1] for s in seqs])
+    seqlens = torch.tensor([40, 77], dtype=torch.int32, device=device)
+    out3, lse3 = fa.decode_attention(q, k_cache, v_cache, seqlens)
+    out4, lse4 = fa.decode_attention(q[:, None], k_cache, v_cache, seqlens)
+    assert out4.shape == (2, 1, 4, 64) and lse4.shape == (2, 4, 1)
+    assert torch.equal(out4[:, 0], out3) and torch.equal(lse4[..., 0], lse3)
+
+
+# ---- CUDA at the production shape (32 q heads, 8 kv heads, D = 128, sink 128 + 16 x 128) ---------
+
+REAL = dict(heads_q=32, heads_k=8, head_dim=128)
+KERNELS = [pytest.param("auto", id="tensor-core"), pytest.param("simt", id="cuda-core")]
+
+
+def cuda_only():
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda_only()
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("new_tokens", [1, 4])
+def test_decode_cuda_production_shape(kernel, paged, new_tokens, monkeypatch):
+    """Lengths around the SA window edges (2176 = sink + window), one long FA sequence, one empty
+    cache slot, a capacity far above the lengths (many splits, most of them empty for short
+    sequences); decode equals the float64 reference and the prefill op's last rows."""
+    if kernel == "simt":
+        monkeypatch.setenv("FLUX_DECODE_KERNEL", "simt")
+    device, dtype = "cuda", BF16
+    lengths = [9000, 2177, 2176, 300, 4500, 1]
+    flags = [False, True, True, True, True, False]
+    seqs, q = multi_token_inputs(lengths, new_tokens, REAL["heads_q"], REAL["heads_k"], REAL["head_dim"], dtype,
+                                 device)
+    if new_tokens == 1:
+        q = q[:, 0]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    use_sparse = torch.tensor(flags, device=device)
+    if paged:
+        k_cache, v_cache, table = paged_cache(seqs, 128, REAL["heads_k"], REAL["head_dim"], dtype, device)
+    else:
+        k_cache, v_cache = contiguous_cache(seqs, 16384, REAL["heads_k"], REAL["head_dim"], dtype, device)
+        table = None
+    out, lse = fa.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, use_sparse=use_sparse)
+    check_decode("decode production shape", out, lse, q, k_cache, v_cache, seqlens, dtype, block_table=table,
+                 use_sparse=use_sparse)
+    for b, rows in enumerate(prefill_last_rows_multi(seqs, flags, {}, new_tokens)):
+        if rows is None:
+            continue
+        o, l = (out[b], lse[b]) if new_tokens > 1 else (out[b][None], lse[b][:, None])
+        what = f"sequence {b} (length {lengths[b]}) decode vs prefill"
+        assert_same_up_to_order(f"{what} out", o, rows[0])
+        assert_same_up_to_order(f"{what} lse", l, rows[1])
+
+
+# The CUDA split kernels and the tuning knobs bench/decode.py times (all must be correct).
+KERNEL_CONFIGS = {
+    "tensor-core": {},
+    "cuda-core": {"FLUX_DECODE_KERNEL": "simt"},
+    "interleaved-warps": {"FLUX_DECODE_WARP_ORDER": "interleaved"},
+    "one-cta-per-sm": {"FLUX_DECODE_CTAS_PER_SM": "1", "FLUX_DECODE_WARP_ORDER": "interleaved"},
+}
+
+
+@pytest.mark.cuda
+@cuda_only()
+@pytest.mark.parametrize("dtype,heads", [(BF16, (32, 8)), (FP16, (32, 8)), (BF16, (8, 8)), (BF16, (16, 1)),
+                                          (BF16, (64, 8))], ids=["bf16-gqa4", "fp16-gqa4", "mha", "mqa16", "gqa8"])
+def test_decode_cuda_kernels_agree_with_reference(dtype, heads, monkeypatch):
+    """Both CUDA kernels and the tuning knobs on the same inputs (batch 1 at 20K keys: one full
+    wave of splits; batch 3 with odd lengths), against the reference; the tensor-core kernel's row
+    tiles cover GQA groups of 1..16 (and 2 row tiles for 64 / 8 heads with 4 new tokens)."""
+    heads_q, heads_k = heads
+    cases = [([333, 4097, 17], 1), ([1000, 31], 4)]
+    if heads == (32, 8):
+        cases.insert(0, ([20000], 1))
+    for lengths, new_tokens in cases:
+        seqs, q = multi_token_inputs(lengths, new_tokens, heads_q, heads_k, 128, dtype, "cuda")
+        if new_tokens == 1:
+            q = q[:, 0]
+        k_cache, v_cache = contiguous_cache(seqs, max(lengths) + 7, heads_k, 128, dtype, "cuda")
+        seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        for name, env in KERNEL_CONFIGS.items():
+            for var in ("FLUX_DECODE_KERNEL", "FLUX_DECODE_WARP_ORDER", "FLUX_DECODE_CTAS_PER_SM"):
+                monkeypatch.delenv(var, raising=False)
+            for var, value in env.items():
+                monkeypatch.setenv(var, value)
+            out, lse = fa.decode_attention(q, k_cache, v_cache, seqlens)
+            check_decode(f"decode {name} {lengths} Tq={new_tokens}", out, lse, q, k_cache, v_cache, seqlens, dtype)
+
+
+# ---- the decode step in a CUDA graph -----------------------------------------------------------
+
+@pytest.mark.cuda
+@cuda_only()
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_decode_step_cuda_graph(paged, new_tokens):
+    """append_kv + cache_seqlens += Tq + decode_attention captured once in a CUDA graph, replayed
+    with fresh q / k / v: every replay equals the same step run eagerly on a copy of the state and
+    the float64 reference over the grown cache. The caches are NaN beyond the stored rows and the
+    output buffers are NaN-poisoned before each replay."""
+    device, dtype = "cuda", BF16
+    hq, hk, d = REAL["heads_q"], REAL["heads_k"], REAL["head_dim"]
+    lengths = [2300, 700, 5000]
+    flags = torch.tensor([True, False, True], device=device)
+    capacity = 6144
+    seqs = make_sequences(lengths, 1, hk, d, dtype, device)
+    if paged:
+        page = 128
+        # Map every page each sequence may grow into (a static table), in shuffled order.
+        pages_per_seq = capacity // page
+        perm = torch.randperm(len(lengths) * pages_per_seq + 3, device=device).to(torch.int32)
+        table = perm[:len(lengths) * pages_per_seq].view(len(lengths), pages_per_seq).contiguous()
+        k_cache = torch.full((perm.numel(), page, hk, d), math.nan, dtype=dtype, device=device)
+        v_cache = torch.full_like(k_cache, math.nan)
+        for b, (_, k, v) in enumerate(seqs):
+            fa.append_kv(k_cache, v_cache, k[None], v[None], torch.zeros(1, dtype=torch.int32, device=device),
+                         block_table=table[b:b + 1])
+    else:
+        table = None
+        k_cache, v_cache = contiguous_cache(seqs, capacity, hk, d, dtype, device)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+
+    q_s = randn(len(lengths), new_tokens, hq, d, dtype=dtype, device=device)
+    k_s = randn(len(lengths), new_tokens, hk, d, dtype=dtype, device=device)
+    v_s = randn(len(lengths), new_tokens, hk, d, dtype=dtype, device=device)
+    q_in = q_s if new_tokens > 1 else q_s[:, 0]
+    out_s = torch.empty_like(q_in)
+    lse_s = torch.empty(len(lengths), hq, *([new_tokens] if new_tokens > 1 else []), device=device)
+
+    def step(kc, vc, lens):
+        fa.append_kv(kc, vc, k_s, v_s, lens, block_table=table)
+        lens += new_tokens
+        out, lse = fa.decode_attention(q_in, kc, vc, lens, block_table=table, use_sparse=flags)
+        out_s.copy_(out)
+        lse_s.copy_(lse)
+
+    # Warm up (lazy init, kernel attributes) on a copy of the state, then capture on the real one.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(k_cache.clone(), v_cache.clone(), seqlens.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(k_cache, v_cache, seqlens)
+    # Capturing ran nothing: the state is still the prefill's.
+    assert seqlens.tolist() == lengths
+
+    for replay in range(4):
+        q_s.copy_(randn(*q_s.shape, dtype=dtype, device=device))
+        k_s.copy_(randn(*k_s.shape, dtype=dtype, device=device))
+        v_s.copy_(randn(*v_s.shape, dtype=dtype, device=device))
+        eager_state = (k_cache.clone(), v_cache.clone(), seqlens.clone())
+        out_s.fill_(math.nan)
+        lse_s.fill_(math.nan)
+        graph.replay()
+        got = (out_s.clone(), lse_s.clone())
+        step(*eager_state)
+        assert torch.equal(got[0], out_s) and torch.equal(got[1], lse_s), f"replay {replay}: graph != eager"
+        assert torch.equal(eager_state[2], seqlens), f"replay {replay}: cache_seqlens"
+        assert seqlens.tolist() == [n + new_tokens * (replay + 1) for n in lengths]
+        check_decode(f"graph replay {replay}", got[0], got[1], q_in, k_cache, v_cache, seqlens, dtype,
+                     block_table=table, use_sparse=flags)

@@ -195,8 +195,12 @@ def test_decode_errors(device):
     cache = t(2, 8, 2, 16, device=device)
     lens = cu([3, 8], device)
     cases = [
-        ("q", [r"\bq must be \[batch, heads, head_dim\]", r"got \[2, 1, 4, 16\]"],
-         lambda: fa.decode_attention(q[:, None], cache, cache, lens)),
+        ("q", [r"\bq must be \[batch, heads, head_dim\] or, for several new tokens per sequence, "
+               r"\[batch, new_tokens, heads, head_dim\]", r"got \[2, 1, 1, 4, 16\]"],
+         lambda: fa.decode_attention(q[:, None, None], cache, cache, lens)),
+        ("multi-token gqa", [r"k_cache\.size\(2\) \(kv heads\) must divide q\.size\(2\)", r"\[2, 8, 3, 16\]"],
+         lambda: fa.decode_attention(q[:, None], t(2, 8, 3, 16, device=device), t(2, 8, 3, 16, device=device),
+                                     lens)),
         ("k_cache", [r"k_cache must be \[batch, capacity, kv_heads, head_dim\]", r"got \[2, 8, 32\]"],
          lambda: fa.decode_attention(q, cache.flatten(2), cache, lens)),
         ("v_cache", [r"v_cache must have the shape of k_cache", r"\[2, 9, 2, 16\]"],
@@ -238,6 +242,55 @@ def test_decode_value_errors():
     table = cu([[0, 1], [2, 7]])
     raises("decode_attention", [r"block_table\[1, 1\] = 7 is not a page of k_cache \(4 pages\)"],
            lambda: fa.decode_attention(q, pages, pages, cu([8, 5]), block_table=table))
+
+
+@pytest.mark.parametrize("device", ["cpu"])  # see CPU_ONLY_NOTE
+def test_append_kv_errors(device):
+    cache = t(2, 8, 2, 16, device=device)
+    k1 = t(2, 2, 16, device=device)
+    pos = cu([3, 5], device)
+    cases = [
+        ("k_cache dim", [r"k_cache must be \[batch, capacity, kv_heads, head_dim\]", r"got \[2, 8, 32\]"],
+         lambda: fa.append_kv(cache.flatten(2), cache, k1, k1, pos)),
+        ("v_cache shape", [r"v_cache must have the shape of k_cache", r"\[2, 9, 2, 16\]"],
+         lambda: fa.append_kv(cache, t(2, 9, 2, 16, device=device), k1, k1, pos)),
+        ("dtype", [r"k_new must have the dtype of k_cache", "bf16"],
+         lambda: fa.append_kv(cache, cache.clone(), k1.bfloat16(), k1.bfloat16(), pos)),
+        ("k_new dim", [r"k_new must be \[batch, kv_heads, head_dim\] or \[batch, new_tokens, kv_heads, "
+                       r"head_dim\]", r"got \[2, 32\]"],
+         lambda: fa.append_kv(cache, cache.clone(), k1.flatten(1), k1.flatten(1), pos)),
+        ("v_new shape", [r"v_new must have the shape of k_new", r"\[2, 1, 2, 16\]"],
+         lambda: fa.append_kv(cache, cache.clone(), k1, k1[:, None], pos)),
+        ("heads", [r"k_new must have the kv heads and head_dim of k_cache \(2, 16\)", r"got k_new \[2, 3, 16\]"],
+         lambda: fa.append_kv(cache, cache.clone(), t(2, 3, 16, device=device), t(2, 3, 16, device=device), pos)),
+        ("positions", [r"positions must be a 1-D int32 tensor with one entry per sequence \(2\)", "int64"],
+         lambda: fa.append_kv(cache, cache.clone(), k1, k1, pos.long())),
+        ("batch", [r"k_cache\.size\(0\) must equal k_new\.size\(0\) \(batch\)", "block_table"],
+         lambda: fa.append_kv(t(3, 8, 2, 16, device=device), t(3, 8, 2, 16, device=device), k1, k1, pos)),
+        ("block_table", [r"block_table must be an int32 tensor \[batch \(2\), max_pages\]", r"got \[2, 2\] int64"],
+         lambda: fa.append_kv(cache, cache.clone(), k1, k1, pos,
+                              block_table=torch.zeros(2, 2, dtype=torch.long, device=device))),
+        ("strided cache", [r"k_cache and v_cache must have a contiguous last dimension"],
+         lambda: fa.append_kv(t(2, 8, 2, 32, device=device)[..., ::2], cache.clone(), k1, k1, pos)),
+    ]
+    for case_id, fragments, call in cases:
+        try:
+            raises("append_kv", fragments, call)
+        except AssertionError as e:
+            raise AssertionError(f"case {case_id}: {e}") from None
+
+
+def test_append_kv_value_errors():
+    """CPU reads positions and the block-table entries the new rows land on."""
+    cache, k2 = t(2, 8, 2, 16), t(2, 2, 2, 16)
+    raises("append_kv", [r"positions\[1\] = 7 plus 2 new rows must fit the cache", r"\[0, 6\]"],
+           lambda: fa.append_kv(cache, cache.clone(), k2, k2, cu([0, 7])))
+    raises("append_kv", [r"positions\[0\] = -1"],
+           lambda: fa.append_kv(cache, cache.clone(), k2, k2, cu([-1, 0])))
+    pages = t(4, 4, 2, 16)
+    table = cu([[0, 1], [2, 7]])
+    raises("append_kv", [r"block_table\[1, 1\] = 7 is not a page of k_cache \(4 pages\)"],
+           lambda: fa.append_kv(pages, pages.clone(), k2, k2, cu([0, 3]), block_table=table))
 
 
 @pytest.mark.parametrize("device", ["cpu"])  # see CPU_ONLY_NOTE

@@ -67,6 +67,9 @@ def test_opcheck_decode(device):
     table = torch.randperm(12, device=device)[:9].view(3, 3).to(torch.int32)
     seqlens = torch.tensor([1, 24, 17], dtype=torch.int32, device=device)
     opcheck(ops.decode_attention.default, (q, pages, pages, seqlens), dict(block_table=table))
+    q4 = make(3, 4, 4, 32, device=device)  # 4 new tokens per sequence: lse [B, Hq, Tq]
+    opcheck(ops.decode_attention.default, (q4, pages, pages, seqlens), dict(block_table=table, use_sparse=flags,
+                                                                          **SMALL))
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "requires_grad"])

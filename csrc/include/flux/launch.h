@@ -18,9 +18,14 @@ cudaError_t run_attention_fwd(AttnFwdParams& params, cudaStream_t stream);
 size_t attention_bwd_workspace_bytes(const AttnBwdParams& params);
 cudaError_t run_attention_bwd(AttnBwdParams& params, cudaStream_t stream);
 
-// Decode: one query token per sequence against a contiguous or paged cache.
+// Decode: a few new query tokens per sequence against a contiguous or paged cache. The workspace
+// size depends only on shapes, params.max_seqlen_k and num_sms (never on cache_seqlens values), so a
+// decode step sized once replays in a CUDA graph.
 size_t decode_workspace_bytes(const DecodeParams& params, int num_sms);
 cudaError_t run_decode_attention(DecodeParams& params, cudaStream_t stream);
+
+// KV append: new K/V rows written into a contiguous or paged cache at device-given positions.
+cudaError_t run_append_kv(const AppendKVParams& params, cudaStream_t stream);
 
 // Router input pooling and its gradient.
 cudaError_t run_pool_queries(PoolParams& params, cudaStream_t stream);

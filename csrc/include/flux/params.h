@@ -94,34 +94,41 @@ struct AttnBwdParams : AttnFwdParams {
   size_t workspace_bytes = 0;
 };
 
-// One new query token per sequence against a KV cache.
+// New query tokens (one, or a few for speculative decoding) per sequence against a KV cache.
 //
 // Contiguous cache: k_cache [batch, capacity, Hkv, D]; token j of sequence b lives at
 //   k_cache + b * k_page_stride + j * k_row_stride + h * k_head_stride.
 // Paged cache (block_table != null): k_cache [num_pages, page_size, Hkv, D]; token j of sequence b
 // lives in page block_table[b * block_table_stride + j / page_size], row j % page_size.
-// The new token is the last one of the cache: its position is cache_seqlens[b] - 1.
+// The seqlen_q new tokens are the last ones of the cache: token t of sequence b sits at position
+// cache_seqlens[b] - seqlen_q + t and attends causally (bottom-right aligned, as full_attention with
+// Lq != Lk), with the streaming rule of its own position when the sequence is sparse.
+// Element (b, t, h, d) of q lives at q + b * q_batch_stride + t * q_token_stride + h * q_head_stride
+// + d (out likewise); lse (fp32, natural log) of (b, h, t) at
+//   lse + b * lse_batch_stride + h * lse_head_stride + t * lse_token_stride.
+// Rows that see no key get out = 0 and lse = -inf.
 struct DecodeParams {
   DataType dtype = DataType::kFloat32;
 
-  const void* q = nullptr;  // [batch, Hq, D]
+  const void* q = nullptr;  // [batch, seqlen_q, Hq, D]
   const void* k_cache = nullptr;
   const void* v_cache = nullptr;
-  void* out = nullptr;   // [batch, Hq, D]
-  float* lse = nullptr;  // [batch, Hq]
+  void* out = nullptr;   // [batch, seqlen_q, Hq, D]
+  float* lse = nullptr;  // [batch, Hq, seqlen_q]
 
-  int64_t q_batch_stride = 0, q_head_stride = 0;
+  int64_t q_batch_stride = 0, q_head_stride = 0, q_token_stride = 0;
   int64_t k_page_stride = 0, k_row_stride = 0, k_head_stride = 0;
   int64_t v_page_stride = 0, v_row_stride = 0, v_head_stride = 0;
-  int64_t o_batch_stride = 0, o_head_stride = 0;
-  int64_t lse_batch_stride = 0;
+  int64_t o_batch_stride = 0, o_head_stride = 0, o_token_stride = 0;
+  int64_t lse_batch_stride = 0, lse_head_stride = 1, lse_token_stride = 0;
 
   int batch = 0;
+  int seqlen_q = 1;  // new tokens per sequence (1 for plain decoding)
   int num_heads_q = 0;
   int num_heads_k = 0;
   int head_dim = 0;
 
-  const int32_t* cache_seqlens = nullptr;  // [batch], tokens in the cache including the new one
+  const int32_t* cache_seqlens = nullptr;  // [batch], tokens in the cache including the new ones
   int64_t max_seqlen_k = 0;                // cache capacity per sequence (an upper bound)
 
   const int32_t* block_table = nullptr;  // [batch, max_pages] or null (contiguous)
@@ -136,6 +143,36 @@ struct DecodeParams {
   void* workspace = nullptr;  // split-KV partials, decode_workspace_bytes(*this) bytes
   size_t workspace_bytes = 0;
   int num_splits = 1;  // chosen by the launcher heuristic when 0
+};
+
+// Writes new K/V rows into a contiguous or paged cache (the layouts of DecodeParams): row t of
+// sequence b goes to cache position positions[b] + t. Rows whose position falls outside
+// [0, capacity) or whose page is not in [0, num_pages) are not written (the op layer rejects them
+// on CPU; on CUDA, where checking would need a host sync, they are dropped).
+struct AppendKVParams {
+  DataType dtype = DataType::kFloat32;
+
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  const void* k_new = nullptr;  // [batch, new_tokens, Hkv, D]
+  const void* v_new = nullptr;
+
+  int64_t k_page_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_page_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t kn_batch_stride = 0, kn_token_stride = 0, kn_head_stride = 0;
+  int64_t vn_batch_stride = 0, vn_token_stride = 0, vn_head_stride = 0;
+
+  int batch = 0;
+  int new_tokens = 0;
+  int num_heads_k = 0;
+  int head_dim = 0;
+
+  const int32_t* positions = nullptr;  // [batch]: cache position of row 0 (the length before)
+  int64_t capacity = 0;                // positions per sequence the cache can address
+  const int32_t* block_table = nullptr;  // [batch, max_pages] or null (contiguous)
+  int64_t block_table_stride = 0;
+  int page_size = 0;
+  int64_t num_pages = 0;  // paged: k_cache.size(0)
 };
 
 // Mean of the first and last pool_size tokens of each sequence, then over heads:

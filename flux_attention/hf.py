@@ -282,7 +282,7 @@ def flux_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
         if router is not None and router.training:
             raise RuntimeError("FluxCache is for inference: call model.eval() (the routers are in "
                                "training mode)")
-        return _with_flux_cache(module, router, cfg, layer, query, key, value, attention_mask,
+        return _with_flux_cache(module, router, cfg, cache, layer, query, key, value, attention_mask,
                                 scaling, q_pre), None
 
     if window is not None and kv_len > window:
@@ -329,8 +329,8 @@ def flux_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     return _repad(out, vq, batch, seqlen), None
 
 
-def _with_flux_cache(module, router, cfg: RouterConfig, layer, query, key, value, attention_mask,
-                     scaling, q_pre) -> Tensor:
+def _with_flux_cache(module, router, cfg: RouterConfig, cache: FluxCache, layer, query, key, value,
+                     attention_mask, scaling, q_pre) -> Tensor:
     batch, heads_q, seqlen, head_dim = query.shape
     pattern = {"sink_tokens": cfg.sink_tokens, "local_blocks": cfg.local_blocks,
                "block_size": cfg.block_size}
@@ -341,13 +341,15 @@ def _with_flux_cache(module, router, cfg: RouterConfig, layer, query, key, value
                          f"{batch}. Use a fresh FluxCache per batch")
 
     if layer.started and seqlen == 1:
-        # Decode: every sequence gains one token (what generate does); device work only.
-        layer.append_one(key[:, :, 0], value[:, :, 0])
+        # Decode: every sequence gains one token (what generate does); device work only, planned
+        # once per step for all layers by the cache.
+        cache.append_decode(module.layer_idx, key[:, :, 0], value[:, :, 0])
         out, _ = ops.decode_attention(query[:, :, 0], layer.k_pages, layer.v_pages,
                                       layer.cache_seqlens, block_table=layer.block_table,
                                       use_sparse=layer.use_sparse, scale=scaling, **pattern)
         return out.unsqueeze(1)
 
+    cache.end_decode()  # a prefill chunk: per-layer lengths change, layer by layer
     mask = None
     if attention_mask is not None:
         mask = _padding_mask(attention_mask, batch, attention_mask.shape[1])[:, -seqlen:]

@@ -141,6 +141,7 @@ class FluxCacheLayer(CacheLayerMixin):
         self.use_sparse: Optional[Tensor] = None  # bool [B] (device)
         self.use_sparse_host: Optional[List[bool]] = None
         self._free_steps = 0  # single-token steps before any sequence needs a page not mapped
+        self._flat: Optional[tuple] = None  # (k_pages, v_pages, and their flat views), see write_slots
         self._plan: Optional["_DecodePlan"] = None  # the FluxCache decode plan this layer is in
         self._plan_row = -1
 
@@ -210,6 +211,7 @@ class FluxCacheLayer(CacheLayerMixin):
         self.use_sparse_host = [bool(x) for x in use_sparse.tolist()]  # one host read per prefill
         dev = self.device
         # Page 0 only: the first plan() sizes the pool to the prompt (see _grow).
+        self._flat = None
         self.k_pages = torch.empty(1, block_size, num_heads_k, head_dim, dtype=self.dtype, device=dev)
         self.v_pages = torch.empty_like(self.k_pages)
         self._free = torch.zeros(0, dtype=torch.int64)
@@ -250,6 +252,7 @@ class FluxCacheLayer(CacheLayerMixin):
         # keeps reallocation copies amortised while over-allocating at most ~25 %.
         new = old + extra if (old == 1 or exact) else old + max(extra, old // 4)
         shape = (new - old,) + tuple(self.k_pages.shape[1:])
+        self._flat = None  # must not keep the old pools alive
         self.k_pages = torch.cat([self.k_pages, self.k_pages.new_empty(shape)])
         self.v_pages = torch.cat([self.v_pages, self.v_pages.new_empty(shape)])
         free = torch.empty(new, dtype=torch.int64)
@@ -341,8 +344,11 @@ class FluxCacheLayer(CacheLayerMixin):
         device): one ``index_copy_`` per tensor."""
         if k.dtype != self.k_pages.dtype:
             k, v = k.to(self.k_pages.dtype), v.to(self.v_pages.dtype)
-        self.k_pages.view(-1, *self.k_pages.shape[2:]).index_copy_(0, slots, k)
-        self.v_pages.view(-1, *self.v_pages.shape[2:]).index_copy_(0, slots, v)
+        if self._flat is None or self._flat[0] is not self.k_pages or self._flat[1] is not self.v_pages:
+            # [pages * page_size, Hkv, D] views, remade only when a pool is replaced
+            self._flat = (self.k_pages, self.v_pages, self.k_pages.flatten(0, 1), self.v_pages.flatten(0, 1))
+        self._flat[2].index_copy_(0, slots, k)
+        self._flat[3].index_copy_(0, slots, v)
 
     def append_varlen(self, k: Tensor, v: Tensor, cu_seqlens: Tensor, counts: Sequence[int]) -> None:
         """Append varlen rows (``counts[b]`` new tokens of sequence b, offsets ``cu_seqlens``)."""
@@ -384,6 +390,7 @@ class FluxCacheLayer(CacheLayerMixin):
         new_table = torch.zeros_like(table)
         new_table[mapped] = torch.arange(1, count + 1, dtype=torch.int32)
         src = src.to(self.device)
+        self._flat = None  # must not keep the old pools alive
         self.k_pages = self.k_pages.index_select(0, src)
         self.v_pages = self.v_pages.index_select(0, src)
         rows = torch.tensor(idx, dtype=torch.int64)

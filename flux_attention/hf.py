@@ -196,6 +196,11 @@ def _decide(module: nn.Module, router: Optional[LayerRouter], batch: int, device
     return z, z < 0.5, True
 
 
+def _heads(q_pre: Optional[Tensor], lead: int, head_dim: int) -> Optional[Tensor]:
+    """Captured pre-RoPE queries ``[*lead, Hq * D]`` or ``[*lead, Hq, D]`` -> ``[*lead, Hq, D]``."""
+    return None if q_pre is None else q_pre.reshape(*q_pre.shape[:lead], -1, head_dim)
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, cfg: RouterConfig, scale: Optional[float],
             use_sparse: Tensor, z: Optional[Tensor], vq: Optional[_Varlen],
             cu_k: Optional[Tensor] = None, max_k: Optional[int] = None) -> Tensor:
@@ -268,9 +273,9 @@ def flux_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     router: Optional[LayerRouter] = getattr(module, _ROUTER, None)
     cfg = router.config if router is not None else _NO_ROUTER_CONFIG
     cache = module.__dict__.get("_flux_cache")
+    # Pre-RoPE queries as captured ([B, S, Hq * D] or [B, S, Hq, D]); split into heads only where
+    # a router reads them (not at decode).
     q_pre = module.__dict__.pop("_flux_q", None)
-    if q_pre is not None:
-        q_pre = q_pre.reshape(batch, seqlen, heads_q, head_dim)
     if router is None:
         _warn_no_router()
 
@@ -307,7 +312,8 @@ def flux_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     if known is not None:
         use_sparse, z = known, None
     else:
-        z, use_sparse, learned = _decide(module, router, batch, query.device, (q_pre, mask_q, None))
+        z, use_sparse, learned = _decide(module, router, batch, query.device,
+                                         (_heads(q_pre, 2, head_dim), mask_q, None))
         _record(module, z, use_sparse, learned)
         if store is not None:
             store[module.layer_idx] = use_sparse.detach()
@@ -357,7 +363,8 @@ def _with_flux_cache(module, router, cfg: RouterConfig, cache: FluxCache, layer,
     q_v, k_v, v_v = _unpad(query, vq), _unpad(key, vq), _unpad(value, vq)
 
     if not layer.started:
-        z, use_sparse, learned = _decide(module, router, batch, query.device, (q_pre, mask, None))
+        z, use_sparse, learned = _decide(module, router, batch, query.device,
+                                         (_heads(q_pre, 2, head_dim), mask, None))
         _record(module, z, use_sparse, learned)
         layer.start(batch, use_sparse, num_heads_k=key.shape[1], head_dim=head_dim, **pattern)
         out = _attend(q_v, k_v, v_v, cfg, scaling, use_sparse, None, vq)
@@ -388,7 +395,7 @@ def _packed(module, router, cfg, query, key, value, scaling, q_pre, kwargs, trai
     n = cu.shape[0] - 1
     seq = torch.repeat_interleave(torch.arange(n, device=cu.device), cu.diff().long(), output_size=total)
     vq = _Varlen(None, cu, [], max_len, seq)
-    q_pre_v = None if q_pre is None else q_pre[0]
+    q_pre_v = None if q_pre is None else _heads(q_pre[0], 1, query.shape[-1])
     z, use_sparse, learned = _decide(module, router, n, query.device, (q_pre_v, None, cu))
     _record(module, z, use_sparse, learned)
     rows = lambda x: x[0].transpose(0, 1)  # noqa: E731  [1, H, T, D] -> [T, H, D]

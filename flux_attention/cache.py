@@ -136,6 +136,7 @@ class FluxCacheLayer(CacheLayerMixin):
         self.block_table: Optional[Tensor] = None  # int32 [B, W] (device)
         self.lengths_host = None  # int64 [B] tokens stored per sequence (host; see the property)
         self._horizon: Optional[Tensor] = None  # int64 [B] lengths whose pages are mapped ahead (host)
+        self._mapped_len: Optional[Tensor] = None  # int64 [B] lengths the mapping was made for (host)
         self._initial_reserve = 0  # FluxCache.reserve before the first prefill
         self.cache_seqlens: Optional[Tensor] = None  # int32 [B] (device)
         self.use_sparse: Optional[Tensor] = None  # bool [B] (device)
@@ -220,6 +221,7 @@ class FluxCacheLayer(CacheLayerMixin):
         self.block_table = self.block_table_host.to(dev)
         self.lengths_host = torch.zeros(batch, dtype=torch.int64)
         self._horizon = torch.zeros(batch, dtype=torch.int64)
+        self._mapped_len = torch.zeros(batch, dtype=torch.int64)
         self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=dev)
         self._free_steps = 0
         self.is_initialized = True
@@ -271,7 +273,9 @@ class FluxCacheLayer(CacheLayerMixin):
         """Move to ``new`` stored lengths with pages mapped up to ``horizon`` (host only): map the
         pages that became readable, free those no later token can read. Python loops over the
         sequences whose pages change, never over tokens."""
-        old, old_horizon = self.lengths_host, self._horizon
+        # The mapping was computed at `_mapped_len` (decode steps since then only counted tokens),
+        # so what is mapped now is _mapped(_mapped_len, horizon), whatever the lengths are.
+        old, old_horizon = self._mapped_len, self._horizon
         lo0, hi0 = self._spans(old, old_horizon)
         lo1, hi1 = self._spans(new, horizon)
         changed = ((lo0 != lo1) | (hi0 != hi1)).nonzero().flatten().tolist()
@@ -296,6 +300,7 @@ class FluxCacheLayer(CacheLayerMixin):
             for lo, hi in ranges:
                 table[b, lo:hi] = self._take(hi - lo).to(torch.int32)
         self.lengths_host = new
+        self._mapped_len = new
         self._horizon = horizon
         self._free_steps = int((hi1 * self.page_size - new).min()) if self.batch else 0
         if changed:
@@ -401,7 +406,7 @@ class FluxCacheLayer(CacheLayerMixin):
         self.block_table_host = new_table
         self.block_table = new_table.to(self.device)
         lengths, horizon = self.lengths_host[rows], self._horizon[rows]
-        self.lengths_host, self._horizon = lengths, horizon
+        self.lengths_host, self._horizon, self._mapped_len = lengths, horizon, self._mapped_len[rows]
         self.cache_seqlens = self.cache_seqlens.index_select(0, rows_dev)
         self.use_sparse = self.use_sparse.index_select(0, rows_dev)
         self.use_sparse_host = [self.use_sparse_host[i] for i in idx]

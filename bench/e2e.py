@@ -380,6 +380,7 @@ class Bench:
 
         pos = length
         batch = 1
+        broken = False
         for b in batches:
             if not self.budget.allows(self.estimate_decode_s(config, length, b)):
                 self.skip(f"{name} decode B={b}", "budget")
@@ -388,7 +389,6 @@ class Bench:
                 if not self.guarded(f"{name} replicate to B={b}", _replicate, cache, b, self.device):
                     break
                 ids, pos, batch = _rows(ids, b), _rows(pos, b), b
-            broken = False
             for mode in self.modes(config):
                 got = self.guarded(f"{name} decode B={b} {mode}", self.run_decode, config, cache, ids,
                                    pos, mode, self.args.decode_steps)
@@ -403,7 +403,14 @@ class Bench:
                 self.record_decode(config, length, b, mode, ms, cache)
             if broken:
                 break
-        if largest:
+        if largest and broken:
+            cache = None  # unusable after a failed step: the search starts from a fresh prefill
+            free_memory()
+            got = self.guarded(f"{name} prefill", self.run_prefill, config, length, reserve)
+            if got is not None:
+                cache, ids, _, mem = got
+                pos = length
+        if largest and cache is not None:
             self.guarded(f"{name} largest batch", self.largest_batch, config, length, cache, ids, pos,
                          mem, reserve)
         del cache
@@ -437,19 +444,26 @@ class Bench:
                 _replicate(cache, fit, self.device)
                 ms, _, _ = self.run_decode(config, cache, _rows(ids, fit), _rows(pos, fit), mode,
                                            self.args.decode_steps)
-            except torch.cuda.OutOfMemoryError:
-                attempts.append({"batch": fit, "result": "out of memory"})
-                log(f"largest batch {name}: B={fit} out of memory")
+            except Exception as e:  # noqa: BLE001 - out of memory, possibly seen through a failed capture
+                oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+                what = "out of memory" if oom else f"{type(e).__name__}: {e}"[:300]
+                attempts.append({"batch": fit, "mode": mode, "result": what})
+                log(f"largest batch {name}: B={fit} {mode}: {what}")
                 cache = None
                 free_memory()
-                fit = max(1, fit - max(1, fit // 10)) if fit > 1 else 0
-                # The cache may be half-converted: start again from a fresh prefill.
-                if fit and self.budget.allows(self.estimate_prefill_s(config, length)):
+                if oom:
+                    fit = fit - max(1, fit // 10)
+                elif mode == "graph":
+                    mode = "eager"  # the same batch again without the graph
+                else:
+                    break
+                # The cache may be half-converted or mid-step: start again from a fresh prefill.
+                if fit >= 1 and self.budget.allows(self.estimate_prefill_s(config, length)):
                     cache, ids, _, _ = self.run_prefill(config, length, reserve)
                     pos = length
                     continue
                 break
-            attempts.append({"batch": fit, "result": "ok"})
+            attempts.append({"batch": fit, "mode": mode, "result": "ok"})
             rec.update(largest=fit, ms_per_step=ms, tokens_per_s=fit * 1e3 / ms, mode=mode,
                        floor_ms=self.decode_floor_ms(config, length, fit))
             rec["fraction_of_floor"] = rec["floor_ms"] / ms
@@ -732,7 +746,8 @@ def parse(argv=None):
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     ap.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per measurement")
     ap.add_argument("--no-largest", action="store_true", help="skip the largest-batch search")
-    ap.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
+    ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                    help="also decode by replaying a CUDA graph of the step (flux configs, CUDA)")
     ap.add_argument("--attn-tflops", type=float, default=650.0, help="attention rate of the floor")
     ap.add_argument("--cpu-largest-batch", type=int, default=3, help="largest batch tried on the CPU")
     ap.add_argument("--name", default=None, help="results file stem (default e2e_h200; e2e_tiny with --tiny)")

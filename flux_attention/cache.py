@@ -52,6 +52,15 @@ __all__ = ["FluxCache", "FluxCacheLayer"]
 Range = Tuple[int, int]
 
 
+def _to_device(host: Tensor, device) -> Tensor:
+    """A host tensor on ``device`` without waiting for the kernels queued there: CUDA copies from
+    pageable memory may synchronise with the stream, so they go through pinned memory (the
+    caching host allocator keeps the buffer until the copy has run)."""
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def _ranges_minus(a: Sequence[Range], b: Sequence[Range]) -> List[Range]:
     """Logical pages in the ranges ``a`` but not in ``b`` (half-open ranges, at most a few each)."""
     out = list(a)
@@ -199,8 +208,11 @@ class FluxCacheLayer(CacheLayerMixin):
         return self.batch is not None
 
     def start(self, batch: int, use_sparse: Tensor, *, block_size: int, sink_tokens: int,
-              local_blocks: int, num_heads_k: int, head_dim: int) -> None:
-        """Fix the batch, the per-sequence decisions (bool [B], True = SA) and the page geometry."""
+              local_blocks: int, num_heads_k: int, head_dim: int,
+              use_sparse_host: Optional[List[bool]] = None) -> None:
+        """Fix the batch, the per-sequence decisions (bool [B], True = SA) and the page geometry.
+        ``use_sparse_host``: the same decisions when the host knows them (forced routing), which
+        spares reading them back from the device (a sync per layer)."""
         if use_sparse.shape != (batch,) or use_sparse.dtype != torch.bool:
             raise ValueError(f"FluxCacheLayer.start: use_sparse must be bool [{batch}]; got "
                              f"{use_sparse.dtype} {tuple(use_sparse.shape)}")
@@ -209,7 +221,9 @@ class FluxCacheLayer(CacheLayerMixin):
         self.sink_pages = sink_tokens // block_size
         self.local_blocks = local_blocks
         self.use_sparse = use_sparse.detach().clone()
-        self.use_sparse_host = [bool(x) for x in use_sparse.tolist()]  # one host read per prefill
+        if use_sparse_host is None:
+            use_sparse_host = use_sparse.tolist()  # one host read per layer and prefill
+        self.use_sparse_host = [bool(x) for x in use_sparse_host]
         dev = self.device
         # Page 0 only: the first plan() sizes the pool to the prompt (see _grow).
         self._flat = None
@@ -218,7 +232,7 @@ class FluxCacheLayer(CacheLayerMixin):
         self._free = torch.zeros(0, dtype=torch.int64)
         self._n_free = 0
         self.block_table_host = torch.zeros(batch, 1, dtype=torch.int32)
-        self.block_table = self.block_table_host.to(dev)
+        self.block_table = torch.zeros(batch, 1, dtype=torch.int32, device=dev)
         self.lengths_host = torch.zeros(batch, dtype=torch.int64)
         self._horizon = torch.zeros(batch, dtype=torch.int64)
         self._mapped_len = torch.zeros(batch, dtype=torch.int64)
@@ -314,7 +328,7 @@ class FluxCacheLayer(CacheLayerMixin):
         if self._plan is not None:
             self._plan.publish(self)
         else:
-            self.block_table = self.block_table_host.to(self.device, non_blocking=True)
+            self.block_table = _to_device(self.block_table_host, self.device)
 
     def plan(self, new_tokens: Sequence[int]) -> None:
         """Map the pages that ``new_tokens[b]`` more tokens need and free the pages SA sequences no
@@ -362,10 +376,13 @@ class FluxCacheLayer(CacheLayerMixin):
                                "end_decode() must run first")
         total = k.shape[0]
         dev = k.device
-        seq = torch.repeat_interleave(torch.arange(self.batch, device=dev),
-                                      torch.as_tensor(counts, device=dev), output_size=total)
+        # Device-side rows from cu_seqlens (no host-to-device copy of `counts`: it would wait for
+        # the queued kernels); `counts` drives the host page planning only.
+        cu = cu_seqlens.to(torch.int64)
+        lens = cu[1:] - cu[:-1]
+        seq = torch.repeat_interleave(torch.arange(self.batch, device=dev), lens, output_size=total)
         start = self.cache_seqlens.to(torch.int64)
-        pos = start[seq] + torch.arange(total, device=dev) - cu_seqlens.to(torch.int64)[seq]
+        pos = start[seq] + torch.arange(total, device=dev) - cu[seq]
         new = self.lengths_host + torch.as_tensor(counts, dtype=torch.int64)
         horizon = self._horizon
         if self._initial_reserve:
@@ -373,7 +390,7 @@ class FluxCacheLayer(CacheLayerMixin):
             self._initial_reserve = 0
         self._remap(new, horizon)
         self.write(k, v, seq, pos)
-        self.cache_seqlens += torch.as_tensor(counts, dtype=torch.int32, device=dev)
+        self.cache_seqlens += lens.to(torch.int32)
 
     def _select(self, idx: List[int]) -> None:
         """Keep sequences ``idx`` (repeats allowed): the pages they map are copied into a new,
@@ -394,17 +411,17 @@ class FluxCacheLayer(CacheLayerMixin):
         src[1:] = table[mapped].to(torch.int64)
         new_table = torch.zeros_like(table)
         new_table[mapped] = torch.arange(1, count + 1, dtype=torch.int32)
-        src = src.to(self.device)
+        src = _to_device(src, self.device)
         self._flat = None  # must not keep the old pools alive
         self.k_pages = self.k_pages.index_select(0, src)
         self.v_pages = self.v_pages.index_select(0, src)
         rows = torch.tensor(idx, dtype=torch.int64)
-        rows_dev = rows.to(self.device)
+        rows_dev = _to_device(rows, self.device)
         self.batch = len(idx)
         self._free = torch.zeros(0, dtype=torch.int64)
         self._n_free = 0
         self.block_table_host = new_table
-        self.block_table = new_table.to(self.device)
+        self.block_table = _to_device(new_table, self.device)
         lengths, horizon = self.lengths_host[rows], self._horizon[rows]
         self.lengths_host, self._horizon, self._mapped_len = lengths, horizon, self._mapped_len[rows]
         self.cache_seqlens = self.cache_seqlens.index_select(0, rows_dev)
@@ -515,7 +532,7 @@ class _DecodePlan:
             self.tables = wider
             for l in self.layers:
                 l.block_table = self.tables[l._plan_row]
-        self.tables[layer._plan_row, :, :host.shape[1]].copy_(host, non_blocking=True)
+        self.tables[layer._plan_row, :, :host.shape[1]].copy_(_to_device(host, self.tables.device))
         layer.block_table = self.tables[layer._plan_row]
 
     def _begin_step(self) -> None:
@@ -564,7 +581,7 @@ class _DecodePlan:
         """Give every layer its own device tensors back (before a prefill chunk or a batch
         selection, which change lengths per layer)."""
         for l in self.layers:
-            l.block_table = l.block_table_host.to(l.device)
+            l.block_table = _to_device(l.block_table_host, l.device)
             l.cache_seqlens = self.seqlens.clone()
             l._plan, l._plan_row = None, -1
         self.layers = []

@@ -179,8 +179,7 @@ def _decide(module: nn.Module, router: Optional[LayerRouter], batch: int, device
     if router is None:
         z = torch.ones(batch, device=device)
         return z, torch.zeros(batch, dtype=torch.bool, device=device), False
-    cfg = router.config
-    forced = "sa" if module.layer_idx in cfg.force_sparse_layers else cfg.force
+    forced = _forced(module, router)
     if forced is not None:
         fa = forced == "fa"
         z = torch.full((batch,), 1.0 if fa else 0.0, device=device)
@@ -194,6 +193,14 @@ def _decide(module: nn.Module, router: Optional[LayerRouter], batch: int, device
     logits = router(router.pool(q_pre, attention_mask=mask, cu_seqlens=cu))
     z = router.gate(logits)
     return z, z < 0.5, True
+
+
+def _forced(module: nn.Module, router: Optional[LayerRouter]) -> Optional[str]:
+    """``"fa"`` / ``"sa"`` when this layer's decision is fixed by the config (no router: FA)."""
+    if router is None:
+        return "fa"
+    cfg = router.config
+    return "sa" if module.layer_idx in cfg.force_sparse_layers else cfg.force
 
 
 def _heads(q_pre: Optional[Tensor], lead: int, head_dim: int) -> Optional[Tensor]:
@@ -366,7 +373,9 @@ def _with_flux_cache(module, router, cfg: RouterConfig, cache: FluxCache, layer,
         z, use_sparse, learned = _decide(module, router, batch, query.device,
                                          (_heads(q_pre, 2, head_dim), mask, None))
         _record(module, z, use_sparse, learned)
-        layer.start(batch, use_sparse, num_heads_k=key.shape[1], head_dim=head_dim, **pattern)
+        forced = _forced(module, router)  # known on the host: no device read (no sync) needed
+        layer.start(batch, use_sparse, num_heads_k=key.shape[1], head_dim=head_dim,
+                    use_sparse_host=None if forced is None else [forced == "sa"] * batch, **pattern)
         out = _attend(q_v, k_v, v_v, cfg, scaling, use_sparse, None, vq)
         layer.append_varlen(k_v, v_v, vq.cu, vq.lengths)
         return _repad(out, vq, batch, seqlen)

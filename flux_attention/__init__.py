@@ -24,6 +24,7 @@ from .router import LayerRouter, RouterConfig
 # stays usable without it.
 _LAZY = {
     "FluxCache": ".cache",
+    "StaticDecodeLoop": ".decode_loop",
     "attach_router": ".hf",
     "collect_sparsity": ".hf",
     "detach_router": ".hf",
@@ -58,6 +59,7 @@ __all__ = [
     "LayerRouter",
     "RouterConfig",
     "FluxCache",
+    "StaticDecodeLoop",
     "attach_router",
     "collect_sparsity",
     "detach_router",

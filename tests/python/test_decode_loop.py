@@ -245,3 +245,33 @@ def test_cuda_graph_loop_equals_eager_and_generate():
     el.step(n - 1)
     assert torch.equal(el.tokens, loop.tokens)
     loop.close()
+
+
+@pytest.mark.cuda
+def test_forced_prefill_and_decode_do_not_sync():
+    """With forced routing (decisions known on the host) neither the prefill into a FluxCache nor
+    the decode steps make flux attention wait for the device: no synchronising call is issued from
+    flux_attention's own code (torch's sync debug mode warns, naming the calling line)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import warnings
+
+    model = flux_copy(tiny_model("llama", "cuda", num_hidden_layers=3),
+                      fa.RouterConfig(force="fa", force_sparse_layers={1}, **SMALL))
+    ids = torch.randint(3, 256, (2, 150), device="cuda")
+    cache = fa.FluxCache(model.config)
+    cache.reserve(40)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.no_grad():
+                out = model(ids, logits_to_keep=1, **cache_kwargs(model, cache))
+            loop = StaticDecodeLoop(model, cache)
+            loop.start(out.logits[:, -1].argmax(-1), 150, 30)
+            loop.step(30)  # crosses a page boundary (block 16)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ours = [w for w in caught if "flux_attention" in w.filename and "sync" in str(w.message).lower()]
+    assert not ours, [(w.filename, w.lineno, str(w.message)[:80]) for w in ours]

@@ -783,6 +783,11 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
+    """Command line entry (the budget counts from process start); called from Python with ``argv``
+    (tests), the budget counts from the call."""
+    global T0
+    if argv is not None:
+        T0 = time.monotonic()
     args = parse(argv)
     if args.device == "cpu":
         torch.set_num_threads(1)  # tiny shapes: more threads only contend on a shared machine

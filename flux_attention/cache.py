@@ -383,14 +383,40 @@ class FluxCacheLayer(CacheLayerMixin):
         seq = torch.repeat_interleave(torch.arange(self.batch, device=dev), lens, output_size=total)
         start = self.cache_seqlens.to(torch.int64)
         pos = start[seq] + torch.arange(total, device=dev) - cu[seq]
-        new = self.lengths_host + torch.as_tensor(counts, dtype=torch.int64)
+        old = self.lengths_host
+        new = old + torch.as_tensor(counts, dtype=torch.int64)
         horizon = self._horizon
         if self._initial_reserve:
             horizon = torch.maximum(horizon, new + self._initial_reserve)
             self._initial_reserve = 0
         self._remap(new, horizon)
+        kept = self._kept_rows(old, counts)
+        if kept is not None:  # SA sequences: only the rows whose pages stay mapped are written
+            idx = torch.cat([torch.arange(a, z) for a, z in kept]) if kept else torch.zeros(0, dtype=torch.int64)
+            idx = _to_device(idx, dev)
+            k, v, seq, pos = k.index_select(0, idx), v.index_select(0, idx), seq[idx], pos[idx]
         self.write(k, v, seq, pos)
         self.cache_seqlens += lens.to(torch.int32)
+
+    def _kept_rows(self, old: Tensor, counts: Sequence[int]) -> Optional[List[Range]]:
+        """Row ranges of an append (sequence after sequence, ``counts[b]`` rows each, positions
+        from ``old[b]`` on) whose pages are mapped after it; None: every row (no SA sequence).
+        An SA prefill of L tokens thus writes sink + window rows, not L."""
+        if not any(self.use_sparse_host):
+            return None
+        ps, kept, row = self.page_size, [], 0
+        for b, n in enumerate(counts):
+            n = int(n)
+            first, end = int(old[b]), int(old[b]) + n
+            if not self.use_sparse_host[b]:
+                kept.append((row, row + n))
+            else:
+                for lo, hi in self._mapped(end, True, int(self._horizon[b])):
+                    a, z = max(first, lo * ps), min(end, hi * ps)
+                    if a < z:
+                        kept.append((row + a - first, row + z - first))
+            row += n
+        return kept
 
     def _select(self, idx: List[int]) -> None:
         """Keep sequences ``idx`` (repeats allowed): the pages they map are copied into a new,

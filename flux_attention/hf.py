@@ -277,7 +277,7 @@ def flux_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     batch, heads_q, seqlen, head_dim = query.shape
     kv_len = key.shape[2]
     window = kwargs.get("sliding_window")
-    router: Optional[LayerRouter] = getattr(module, _ROUTER, None)
+    router: Optional[LayerRouter] = module._modules.get(_ROUTER)  # (nn.Module.__getattr__ is slow)
     cfg = router.config if router is not None else _NO_ROUTER_CONFIG
     cache = module.__dict__.get("_flux_cache")
     # Pre-RoPE queries as captured ([B, S, Hq * D] or [B, S, Hq, D]); split into heads only where
@@ -466,9 +466,13 @@ def _head_dim(m: nn.Module) -> Optional[int]:
     return None
 
 
+# The hooks run for every layer and decode step: they write module.__dict__ directly
+# (nn.Module.__setattr__ costs several microseconds per call).
+
+
 def _capture_q(attn):
     def hook(mod, args, output):
-        attn._flux_q = output
+        attn.__dict__["_flux_q"] = output
     return hook
 
 
@@ -479,13 +483,17 @@ def _capture_cache(attn, name):
             if kwargs.get(k) is not None:
                 cache = kwargs[k]
                 break
-        mod._flux_cache = cache
+        mod.__dict__["_flux_cache"] = cache
         if isinstance(cache, FluxCache):
-            impl = getattr(getattr(mod, "config", None), "_attn_implementation", "flux")
-            if impl != "flux":
-                raise RuntimeError(f"FluxCache needs attn_implementation='flux'; module '{name}' "
-                                   f"runs '{impl}' (model.set_attn_implementation('flux'))")
-            cache.layer(mod.layer_idx).arm()
+            layer = cache.layer(mod.layer_idx)
+            # The implementation is model-wide: checking it at layer 0 of every forward (and at a
+            # layer's first use) catches a switch before any layer runs with the wrong one.
+            if mod.layer_idx == 0 or not layer.started:
+                impl = getattr(getattr(mod, "config", None), "_attn_implementation", "flux")
+                if impl != "flux":
+                    raise RuntimeError(f"FluxCache needs attn_implementation='flux'; module '{name}' "
+                                       f"runs '{impl}' (model.set_attn_implementation('flux'))")
+            layer.arm()
     return hook
 
 

@@ -25,6 +25,7 @@ from .router import LayerRouter, RouterConfig
 # stays usable without it.
 _LAZY = {
     "FluxCache": ".cache",
+    "StaticDecodeLoop": ".decode_loop",
     "attach_router": ".hf",
     "collect_sparsity": ".hf",
     "detach_router": ".hf",
@@ -60,6 +61,7 @@ __all__ = [
     "LayerRouter",
     "RouterConfig",
     "FluxCache",
+    "StaticDecodeLoop",
     "attach_router",
     "collect_sparsity",
     "detach_router",

@@ -180,8 +180,7 @@ def _decide(module: nn.Module, router: Optional[LayerRouter], batch: int, device
     if router is None:
         z = torch.ones(batch, device=device)
         return z, torch.zeros(batch, dtype=torch.bool, device=device), False
-    cfg = router.config
-    forced = "sa" if module.layer_idx in cfg.force_sparse_layers else cfg.force
+    forced = _forced(module, router)
     if forced is not None:
         fa = forced == "fa"
         z = torch.full((batch,), 1.0 if fa else 0.0, device=device)
@@ -195,6 +194,19 @@ def _decide(module: nn.Module, router: Optional[LayerRouter], batch: int, device
     logits = router(router.pool(q_pre, attention_mask=mask, cu_seqlens=cu))
     z = router.gate(logits)
     return z, z < 0.5, True
+
+
+def _forced(module: nn.Module, router: Optional[LayerRouter]) -> Optional[str]:
+    """``"fa"`` / ``"sa"`` when this layer's decision is fixed by the config (no router: FA)."""
+    if router is None:
+        return "fa"
+    cfg = router.config
+    return "sa" if module.layer_idx in cfg.force_sparse_layers else cfg.force
+
+
+def _heads(q_pre: Optional[Tensor], lead: int, head_dim: int) -> Optional[Tensor]:
+    """Captured pre-RoPE queries ``[*lead, Hq * D]`` or ``[*lead, Hq, D]`` -> ``[*lead, Hq, D]``."""
+    return None if q_pre is None else q_pre.reshape(*q_pre.shape[:lead], -1, head_dim)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, cfg: RouterConfig, scale: Optional[float],
@@ -263,12 +275,12 @@ def flux_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     batch, heads_q, seqlen, head_dim = query.shape
     kv_len = key.shape[2]
     window = kwargs.get("sliding_window")
-    router: Optional[LayerRouter] = getattr(module, _ROUTER, None)
+    router: Optional[LayerRouter] = module._modules.get(_ROUTER)  # (nn.Module.__getattr__ is slow)
     cfg = router.config if router is not None else _NO_ROUTER_CONFIG
     cache = module.__dict__.get("_flux_cache")
+    # Pre-RoPE queries as captured ([B, S, Hq * D] or [B, S, Hq, D]); split into heads only where
+    # a router reads them (not at decode).
     q_pre = module.__dict__.pop("_flux_q", None)
-    if q_pre is not None:
-        q_pre = q_pre.reshape(batch, seqlen, heads_q, head_dim)
     if router is None:
         _warn_no_router()
 
@@ -280,7 +292,7 @@ def flux_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
         if router is not None and router.training:
             raise RuntimeError("FluxCache is for inference: call model.eval() (the routers are in "
                                "training mode)")
-        return _with_flux_cache(module, router, cfg, layer, query, key, value, attention_mask,
+        return _with_flux_cache(module, router, cfg, cache, layer, query, key, value, attention_mask,
                                 scaling, q_pre), None
 
     if window is not None and kv_len > window:
@@ -305,7 +317,8 @@ def flux_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     if known is not None:
         use_sparse, z = known, None
     else:
-        z, use_sparse, learned = _decide(module, router, batch, query.device, (q_pre, mask_q, None))
+        z, use_sparse, learned = _decide(module, router, batch, query.device,
+                                         (_heads(q_pre, 2, head_dim), mask_q, None))
         _record(module, z, use_sparse, learned)
         if store is not None:
             store[module.layer_idx] = use_sparse.detach()
@@ -327,8 +340,8 @@ def flux_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     return _repad(out, vq, batch, seqlen), None
 
 
-def _with_flux_cache(module, router, cfg: RouterConfig, layer, query, key, value, attention_mask,
-                     scaling, q_pre) -> Tensor:
+def _with_flux_cache(module, router, cfg: RouterConfig, cache: FluxCache, layer, query, key, value,
+                     attention_mask, scaling, q_pre) -> Tensor:
     batch, heads_q, seqlen, head_dim = query.shape
     pattern = {"sink_tokens": cfg.sink_tokens, "local_blocks": cfg.local_blocks,
                "block_size": cfg.block_size}
@@ -339,13 +352,15 @@ def _with_flux_cache(module, router, cfg: RouterConfig, layer, query, key, value
                          f"{batch}. Use a fresh FluxCache per batch")
 
     if layer.started and seqlen == 1:
-        # Decode: every sequence gains one token (what generate does); device work only.
-        layer.append_one(key[:, :, 0], value[:, :, 0])
+        # Decode: every sequence gains one token (what generate does); device work only, planned
+        # once per step for all layers by the cache.
+        cache.append_decode(module.layer_idx, key[:, :, 0], value[:, :, 0])
         out, _ = ops.decode_attention(query[:, :, 0], layer.k_pages, layer.v_pages,
                                       layer.cache_seqlens, block_table=layer.block_table,
                                       use_sparse=layer.use_sparse, scale=scaling, **pattern)
         return out.unsqueeze(1)
 
+    cache.end_decode()  # a prefill chunk: per-layer lengths change, layer by layer
     mask = None
     if attention_mask is not None:
         mask = _padding_mask(attention_mask, batch, attention_mask.shape[1])[:, -seqlen:]
@@ -353,9 +368,12 @@ def _with_flux_cache(module, router, cfg: RouterConfig, layer, query, key, value
     q_v, k_v, v_v = _unpad(query, vq), _unpad(key, vq), _unpad(value, vq)
 
     if not layer.started:
-        z, use_sparse, learned = _decide(module, router, batch, query.device, (q_pre, mask, None))
+        z, use_sparse, learned = _decide(module, router, batch, query.device,
+                                         (_heads(q_pre, 2, head_dim), mask, None))
         _record(module, z, use_sparse, learned)
-        layer.start(batch, use_sparse, num_heads_k=key.shape[1], head_dim=head_dim, **pattern)
+        forced = _forced(module, router)  # known on the host: no device read (no sync) needed
+        layer.start(batch, use_sparse, num_heads_k=key.shape[1], head_dim=head_dim,
+                    use_sparse_host=None if forced is None else [forced == "sa"] * batch, **pattern)
         out = _attend(q_v, k_v, v_v, cfg, scaling, use_sparse, None, vq)
         layer.append_varlen(k_v, v_v, vq.cu, vq.lengths)
         return _repad(out, vq, batch, seqlen)
@@ -384,7 +402,7 @@ def _packed(module, router, cfg, query, key, value, scaling, q_pre, kwargs, trai
     n = cu.shape[0] - 1
     seq = torch.repeat_interleave(torch.arange(n, device=cu.device), cu.diff().long(), output_size=total)
     vq = _Varlen(None, cu, [], max_len, seq)
-    q_pre_v = None if q_pre is None else q_pre[0]
+    q_pre_v = None if q_pre is None else _heads(q_pre[0], 1, query.shape[-1])
     z, use_sparse, learned = _decide(module, router, n, query.device, (q_pre_v, None, cu))
     _record(module, z, use_sparse, learned)
     rows = lambda x: x[0].transpose(0, 1)  # noqa: E731  [1, H, T, D] -> [T, H, D]
@@ -446,9 +464,13 @@ def _head_dim(m: nn.Module) -> Optional[int]:
     return None
 
 
+# The hooks run for every layer and decode step: they write module.__dict__ directly
+# (nn.Module.__setattr__ costs several microseconds per call).
+
+
 def _capture_q(attn):
     def hook(mod, args, output):
-        attn._flux_q = output
+        attn.__dict__["_flux_q"] = output
     return hook
 
 
@@ -459,13 +481,17 @@ def _capture_cache(attn, name):
             if kwargs.get(k) is not None:
                 cache = kwargs[k]
                 break
-        mod._flux_cache = cache
+        mod.__dict__["_flux_cache"] = cache
         if isinstance(cache, FluxCache):
-            impl = getattr(getattr(mod, "config", None), "_attn_implementation", "flux")
-            if impl != "flux":
-                raise RuntimeError(f"FluxCache needs attn_implementation='flux'; module '{name}' "
-                                   f"runs '{impl}' (model.set_attn_implementation('flux'))")
-            cache.layer(mod.layer_idx).arm()
+            layer = cache.layer(mod.layer_idx)
+            # The implementation is model-wide: checking it at layer 0 of every forward (and at a
+            # layer's first use) catches a switch before any layer runs with the wrong one.
+            if mod.layer_idx == 0 or not layer.started:
+                impl = getattr(getattr(mod, "config", None), "_attn_implementation", "flux")
+                if impl != "flux":
+                    raise RuntimeError(f"FluxCache needs attn_implementation='flux'; module '{name}' "
+                                       f"runs '{impl}' (model.set_attn_implementation('flux'))")
+            layer.arm()
     return hook
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["RouterConfig", "LayerRouter"]
+__all__ = ["RouterConfig", "LayerRouter", "spread_layers"]
 
 # Logit gap of the FA-biased start: softmax([0, 4.5])[1] = 1 / (1 + e^-4.5) = 0.989.
 FA_BIAS = 4.5
@@ -112,6 +112,24 @@ class RouterConfig:
         if "force_sparse_layers" in d:
             d["force_sparse_layers"] = frozenset(d["force_sparse_layers"])
         return cls(**d)
+
+
+def spread_layers(num_layers: int, fraction: float) -> FrozenSet[int]:
+    """``round(fraction * num_layers)`` layer indices spread evenly over ``range(num_layers)``
+    (index ``floor((i + 1/2) * num_layers / count)`` for ``i < count``), for
+    ``RouterConfig.force_sparse_layers``: forcing a share of the layers to SA in benchmarks and
+    ablations.
+
+    >>> sorted(spread_layers(8, 0.5))
+    [1, 3, 5, 7]
+    >>> cfg = RouterConfig(force="fa", force_sparse_layers=spread_layers(32, 0.75))  # 24 SA layers
+    """
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        raise ValueError(f"spread_layers: num_layers must be a positive int; got {num_layers!r}")
+    if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"spread_layers: fraction must lie in [0, 1]; got {fraction!r}")
+    count = math.floor(fraction * num_layers + 0.5)
+    return frozenset(math.floor((i + 0.5) * num_layers / count) for i in range(count))
 
 
 class LayerRouter(nn.Module):

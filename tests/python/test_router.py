@@ -238,3 +238,38 @@ def test_checkpoint_errors(tmp_path):
         fa.load_router(target, str(tmp_path / "nope.safetensors"))
     with pytest.raises(ValueError, match="no routers"):
         fa.save_router(tiny_model("llama"), str(tmp_path / "x.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# spread_layers (forcing a share of the layers to SA)
+
+
+@pytest.mark.parametrize("layers,fraction", [(32, 0.0), (32, 0.25), (32, 0.5), (32, 0.75), (32, 0.9),
+                                             (32, 1.0), (8, 0.9), (7, 0.5), (1, 0.5), (1, 0.4)])
+def test_spread_layers_counts_and_spacing(layers, fraction):
+    got = sorted(fa.router.spread_layers(layers, fraction))
+    assert len(got) == math.floor(fraction * layers + 0.5)
+    assert all(0 <= i < layers for i in got) and len(set(got)) == len(got)
+    if len(got) > 1:  # evenly spread: gaps differ by at most one layer
+        gaps = [b - a for a, b in zip(got, got[1:])]
+        assert max(gaps) - min(gaps) <= 1
+    if len(got) == layers:
+        assert got == list(range(layers))
+
+
+def test_spread_layers_forces_exactly_those_layers():
+    model = flux_copy(tiny_model("llama", num_hidden_layers=4),
+                      RouterConfig(force="fa", force_sparse_layers=fa.router.spread_layers(4, 0.5)))
+    ids, mask = padded([40, 25])
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions(mask))
+    report = fa.routing_report(model)
+    assert report.use_sparse.tolist() == [[False] * 2, [True] * 2, [False] * 2, [True] * 2]
+    assert report.learned == [False] * 4
+
+
+@pytest.mark.parametrize("args,match", [((0, 0.5), "num_layers"), ((4, 1.5), "fraction"),
+                                        ((4, -0.1), "fraction"), ((True, 0.5), "num_layers")])
+def test_spread_layers_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        fa.router.spread_layers(*args)

@@ -152,6 +152,28 @@ def bench_sparse(quick, fwd_only=False, flex=True):
     return records
 
 
+def bench_mixed():
+    """Issue 4's mixed batch: 4 sequences of 32K in one flux_attention launch, two routed FA and two
+    SA, against full_attention on the FA pair plus sparse_attention on the SA pair."""
+    s, sink, local, bs = 32768, 128, 16, 128
+    q, k, v = make_inputs(4, s, 128)
+    flags = torch.tensor([False, True, False, True], device="cuda")
+    qf, kf, vf = (x.reshape(4 * s, *x.shape[2:]) for x in (q, k, v))
+    cu = torch.arange(0, 5 * s, s, dtype=torch.int32, device="cuda")
+    pat = dict(sink_tokens=sink, local_blocks=local, block_size=bs)
+    mixed = lambda: fa.flux_attention(qf, kf, vf, flags, cu_seqlens_q=cu, cu_seqlens_k=cu,  # noqa: E731
+                                      max_seqlen_q=s, max_seqlen_k=s, **pat)
+    fa_pair = lambda: fa.full_attention(q[0::2], k[0::2], v[0::2], causal=True)  # noqa: E731
+    sa_pair = lambda: fa.sparse_attention(q[1::2], k[1::2], v[1::2], **pat)  # noqa: E731
+    out = mixed()[0].view(4, s, HQ, 128)
+    same = bool(torch.equal(out[0::2], fa_pair()[0]) and torch.equal(out[1::2], sa_pair()[0]))
+    t_mixed, t_fa, t_sa = (time_ms(f)["median_ms"] for f in (mixed, fa_pair, sa_pair))
+    ratio = t_mixed / (t_fa + t_sa)
+    print(f"\nMixed batch (4 x 32K, FA/SA/FA/SA, one launch): {t_mixed:.3f} ms vs FA pair {t_fa:.3f} + SA pair "
+          f"{t_sa:.3f} = {t_fa + t_sa:.3f} ms -> ratio {ratio:.3f} (issue 4: <= 1.05); outputs identical: {same}")
+    return dict(mixed_ms=t_mixed, fa_pair_ms=t_fa, sa_pair_ms=t_sa, ratio=ratio, outputs_identical=same)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer shapes, no FlexAttention compile for dense")
@@ -164,10 +186,11 @@ def main():
         sys.exit("bench/attention.py needs a CUDA GPU")
     dense = bench_dense(args.quick, args.fwd_only, not args.no_flex)
     sparse = bench_sparse(args.quick, args.fwd_only, not args.no_flex)
+    mixed = bench_mixed()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: os.environ[k] for k in ("FLUX_DISABLE_SM90", "FLUX_SM90_PINGPONG") if k in os.environ}
     write_results(args.name, {"quick": args.quick, "fwd_only": args.fwd_only, "env": env, "dense": dense,
-                              "sparse": sparse}, [os.path.join(root, "bench", "results"), args.out_dir])
+                              "sparse": sparse, "mixed": mixed}, [os.path.join(root, "bench", "results"), args.out_dir])
 
 
 if __name__ == "__main__":

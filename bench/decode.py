@@ -71,7 +71,7 @@ def sync():
 
 def empty_cache():
     if DEVICE == "cuda":
-        empty_cache()
+        torch.cuda.empty_cache()
 
 
 def timed(fns, calls=4):
@@ -191,10 +191,11 @@ def bench_shape(b, length, quick):
         impls["ours_simt"] = [with_env("FLUX_DECODE_KERNEL", "simt", f) for f in impls["ours"]]
         # Tuning knobs of the tensor-core kernel (decode_split_mma.cu / decode.cu), measured here so
         # one run says which the memory system prefers.
-        impls["ours_interleaved"] = [with_env("FLUX_DECODE_WARP_ORDER", "interleaved", f) for f in impls["ours"]]
-        impls["ours_1cta"] = [with_env("FLUX_DECODE_CTAS_PER_SM", "1", f) for f in impls["ours"]]
-        impls["ours_1cta_interleaved"] = [with_env("FLUX_DECODE_CTAS_PER_SM", "1", f)
-                                          for f in impls["ours_interleaved"]]
+        # Defaults: one CTA per SM, interleaved warp shares (measured best, 2026-12-01).
+        impls["ours_contiguous"] = [with_env("FLUX_DECODE_WARP_ORDER", "contiguous", f) for f in impls["ours"]]
+        impls["ours_2cta"] = [with_env("FLUX_DECODE_CTAS_PER_SM", "2", f) for f in impls["ours"]]
+        impls["ours_2cta_contiguous"] = [with_env("FLUX_DECODE_CTAS_PER_SM", "2", f)
+                                         for f in impls["ours_contiguous"]]
     paged = [shuffled_pages(k, v, b, length) for k, v in caches]
     impls["ours_paged"] = [lambda kp=kp, vp=vp, kt=kt: fa.decode_attention(q, kp, vp, seqlens, block_table=kt)
                            for kp, vp, kt in paged]
@@ -567,12 +568,12 @@ def main():
     print_table(["B", "L", "mode", "layout", "ours ms", "ours TB/s", "SDPA", "SDPA ms", "SDPA TB/s", "ratio",
                  "simt ms", "eager ms"], rows)
     var_rows = [[r["b"], r["l"], r["ms"]] + [r["variants"].get(k, float("nan")) for k in
-                                             ("ours_interleaved", "ours_1cta", "ours_1cta_interleaved", "ours_simt")]
+                                             ("ours_contiguous", "ours_2cta", "ours_2cta_contiguous", "ours_simt")]
                 for r in records if r["mode"] == "FA" and r["layout"] == "contiguous" and r.get("variants")]
     if var_rows:
-        print("\nTuning knobs, FA contiguous (ms): default = contiguous warp shares, 2 CTAs/SM; "
-              "FLUX_DECODE_WARP_ORDER=interleaved; FLUX_DECODE_CTAS_PER_SM=1; simt = CUDA-core kernel")
-        print_table(["B", "L", "default", "interleaved", "1 CTA/SM", "1 CTA/SM + interl.", "simt"], var_rows)
+        print("\nTuning knobs, FA contiguous (ms): default = interleaved warp shares, 1 CTA/SM; "
+              "FLUX_DECODE_WARP_ORDER=contiguous; FLUX_DECODE_CTAS_PER_SM=2; simt = CUDA-core kernel")
+        print_table(["B", "L", "default", "contiguous", "2 CTAs/SM", "2 CTAs/SM + contig.", "simt"], var_rows)
     if steps:
         print("\nWhole decode step in one graph (append_kv + lengths += 1 + decode), contiguous cache")
         print_table(["B", "L", "step ms", "decode ms", "append ms"],

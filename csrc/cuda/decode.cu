@@ -45,11 +45,12 @@ int choose_num_splits(const DecodeParams& p, SplitKernel kernel, int num_sms) {
   if (p.num_splits > 0) return p.num_splits < kMaxSplits ? p.num_splits : kMaxSplits;
   if (p.batch <= 0 || p.num_heads_k <= 0 || num_sms <= 0) return 1;
   const int64_t units = kernel == SplitKernel::kMma ? mma_work_units(p) : simt_work_units(p);
-  // FLUX_DECODE_CTAS_PER_SM=1 (tuning knob, measured by bench/decode.py): half the splits, one
-  // CTA per SM with twice the keys each.
+  // The tensor-core kernel runs one CTA per SM with twice the keys each: on the H200 (bench/decode.py,
+  // 2026-12-01) that beat two CTAs per SM at every B in {1, 4, 8} and L in {8K, 32K, 128K}, by 1-13%
+  // (B=1 L=128K: 0.133 vs 0.141 ms). FLUX_DECODE_CTAS_PER_SM=2 restores the two-CTA wave.
   const char* env = std::getenv("FLUX_DECODE_CTAS_PER_SM");
-  int ctas_per_sm = kernel == SplitKernel::kMma ? mma_ctas_per_sm(p) : kCtasPerSm;
-  if (env != nullptr && std::strcmp(env, "1") == 0) ctas_per_sm = 1;
+  int ctas_per_sm = kernel == SplitKernel::kMma ? 1 : kCtasPerSm;
+  if (kernel == SplitKernel::kMma && env != nullptr && std::strcmp(env, "2") == 0) ctas_per_sm = mma_ctas_per_sm(p);
   const int64_t slots = int64_t(ctas_per_sm) * num_sms;
   if (units >= slots) return 1;
   int64_t splits = slots / units;

@@ -347,8 +347,8 @@ def test_decode_cuda_production_shape(kernel, paged, new_tokens, monkeypatch):
 KERNEL_CONFIGS = {
     "tensor-core": {},
     "cuda-core": {"FLUX_DECODE_KERNEL": "simt"},
-    "interleaved-warps": {"FLUX_DECODE_WARP_ORDER": "interleaved"},
-    "one-cta-per-sm": {"FLUX_DECODE_CTAS_PER_SM": "1", "FLUX_DECODE_WARP_ORDER": "interleaved"},
+    "contiguous-warps": {"FLUX_DECODE_WARP_ORDER": "contiguous"},
+    "two-ctas-per-sm": {"FLUX_DECODE_CTAS_PER_SM": "2", "FLUX_DECODE_WARP_ORDER": "contiguous"},
 }
 
 

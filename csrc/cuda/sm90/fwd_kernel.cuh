@@ -83,10 +83,13 @@ __device__ __forceinline__ void load_tile_zero_fill(SmemTile&& s, const typename
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+// Loads one tile's Q and K/V; returns the ring position after it (passed by value so that the
+// state stays in registers).
 template <class Cfg>
-__device__ __forceinline__ void fwd_producer(const FwdArgs<Cfg>& args, typename Cfg::SharedStorage& ss,
-                                             int b, int h, int m_block, PipeState<Cfg::kStages>& pipe,
-                                             uint32_t q_phase) {
+__device__ __forceinline__ PipeState<Cfg::kStages> fwd_producer(const FwdArgs<Cfg>& args,
+                                                                typename Cfg::SharedStorage& ss, int b, int h,
+                                                                int m_block, PipeState<Cfg::kStages> pipe,
+                                                                uint32_t q_phase) {
   using namespace cute;
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
@@ -158,6 +161,7 @@ __device__ __forceinline__ void fwd_producer(const FwdArgs<Cfg>& args, typename 
     }
     pipe.advance();
   }
+  return pipe;
 }
 
 // Per-thread softmax state of the two accumulator rows a thread holds. The fp32 accumulator of a
@@ -255,10 +259,12 @@ __device__ __forceinline__ void scale_rows(Acc& acc, const float (&f)[2]) {
   for (int i = 0; i < decltype(size(acc))::value; ++i) acc(i) *= f[(i / 2) % 2];
 }
 
+// Computes one tile of O and lse; returns the K/V ring position after it.
 template <class Cfg>
-__device__ __forceinline__ void fwd_consumer(const FwdArgs<Cfg>& args, typename Cfg::SharedStorage& ss,
-                                             int b, int h, int m_block, int wg, PipeState<Cfg::kStages>& pipe,
-                                             uint32_t q_phase) {
+__device__ __forceinline__ PipeState<Cfg::kStages> fwd_consumer(const FwdArgs<Cfg>& args,
+                                                                typename Cfg::SharedStorage& ss, int b, int h,
+                                                                int m_block, int wg, PipeState<Cfg::kStages> pipe,
+                                                                uint32_t q_phase) {
   using namespace cute;
   using Element = typename Cfg::Element;
   constexpr int kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim, kNumWG = Cfg::kNumMmaWarpgroups;
@@ -393,7 +399,7 @@ __device__ __forceinline__ void fwd_consumer(const FwdArgs<Cfg>& args, typename 
   CUTE_UNROLL
   for (int i = 0; i < size(tOrO); ++i) tOsO(i) = static_cast<Element>(tOrO(i));
   named_barrier_sync(int(NamedBarrierId::kEpilogue) + wg, kWgThreads);
-  if (!has_rows) return;
+  if (!has_rows) return pipe;
   constexpr int kChunks = kHeadDim / 8;
   Element* o_rows = static_cast<Element*>(p.out) + b * p.o_batch_stride + (sc.q_start + m0w) * p.o_row_stride +
                     int64_t(h) * p.o_head_stride;
@@ -405,6 +411,7 @@ __device__ __forceinline__ void fwd_consumer(const FwdArgs<Cfg>& args, typename 
       *reinterpret_cast<uint4*>(o_rows + r * p.o_row_stride + c) = *reinterpret_cast<const uint4*>(&sOw(r, c));
     }
   }
+  return pipe;
 }
 
 template <class Cfg>
@@ -449,7 +456,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
       const FwdTile w = decode_tile(t, p.num_heads_q, args.num_m_blocks);
       if (!tile_has_rows(p, w, Cfg::kBlockM)) continue;
-      fwd_producer<Cfg>(args, ss, w.b, w.h, w.m_block, pipe, q_phase);
+      pipe = fwd_producer<Cfg>(args, ss, w.b, w.h, w.m_block, pipe, q_phase);
       q_phase ^= 1u;
     }
   } else {
@@ -457,7 +464,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
       const FwdTile w = decode_tile(t, p.num_heads_q, args.num_m_blocks);
       if (!tile_has_rows(p, w, Cfg::kBlockM)) continue;
-      fwd_consumer<Cfg>(args, ss, w.b, w.h, w.m_block, warpgroup - 1, pipe, q_phase);
+      pipe = fwd_consumer<Cfg>(args, ss, w.b, w.h, w.m_block, warpgroup - 1, pipe, q_phase);
       q_phase ^= 1u;
     }
   }

@@ -69,6 +69,14 @@ auto tma_view(const void* ptr, int64_t rows, int heads, int batch, int64_t row_s
                      make_stride(row_stride, _1{}, head_stride, batch_stride));
 }
 
+inline bool descriptor_set(const TmaDescriptor* d) {
+  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(d);
+  for (size_t i = 0; i < sizeof(TmaDescriptor); ++i) {
+    if (bytes[i] != 0) return true;
+  }
+  return false;
+}
+
 template <DataType kDtype, int kHeadDim>
 cudaError_t launch(const AttnBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<kDtype, kHeadDim>;
@@ -116,6 +124,12 @@ cudaError_t launch(const AttnBwdParams& p, cudaStream_t stream) {
       make_shape(int32_t(rows_k), int32_t(kHeadDim), int32_t(p.num_heads_k), int32_t(batch_t)),
       p.scale * attn::kLog2e,
       p.num_heads_k * p.batch};
+  // CuTe reports a failed cuTensorMapEncodeTiled only on stderr (and asserts in debug builds) and
+  // leaves the descriptor zeroed: refuse to launch with one.
+  if (!descriptor_set(kp.tma_q.get_tma_descriptor()) || !descriptor_set(kp.tma_do.get_tma_descriptor()) ||
+      !descriptor_set(kp.tma_k.get_tma_descriptor()) || !descriptor_set(kp.tma_v.get_tma_descriptor())) {
+    return cudaErrorInvalidValue;
+  }
   const int64_t n_blocks = flux::ceil_div<int64_t>(p.seqlen_k, Tr::kBlockN);
   const int64_t ctas = n_blocks * kp.hb_count;
   if (ctas > 0) {

@@ -31,7 +31,8 @@ struct KernelParams {
 // walks the same list: for each q head of the GQA group, the query tiles [mt_begin, mt_end) whose
 // rows may see a key of the block, from streaming.h's column view. Inside that range no tile is
 // kSkip (the rows seeing a key tile form one interval, and every row of it sees a key of the tile),
-// so the list needs no per-tile test; the consumers still classify each tile to decide masking.
+// so the list needs no per-tile test (checked against brute force over random rules and lengths in
+// development); the consumers decide per tile whether the per-element mask is needed.
 struct CtaWork {
   int b, hk, n_block;
   int64_t n0, n1;  // keys [n0, n1) of this CTA, sequence coordinates

@@ -145,11 +145,18 @@ CUTE_DEVICE void consumer_warpgroups(const KernelParams<Tr>& P, typename Tr::Sha
     CUTLASS_PRAGMA_NO_UNROLL
     for (int64_t mt = w.mt_begin; mt < w.mt_end; ++mt) {
       const int64_t m0 = mt * kBlockM;
-      const int64_t m1 = imin(m0 + kBlockM, w.sc.len_q);
-      const TileKind kind = classify_tile(w.sc.rule, m0, m1, w.n0, w.n1);
-      // Ragged tiles carry rows / keys outside the sequence: the mask drops them too.
-      const bool need_mask =
-          kind != TileKind::kFull || m0 + kBlockM > w.sc.len_q || w.n0 + kBlockN > w.sc.len_k;
+      // classify_tile's kFull, per warp, from the column view: the warp's part of the tile needs no
+      // mask iff the row interval of each of its keys covers all kBlockM rows. Exact (rows or keys
+      // past the sequence have intervals that cannot cover), warp-uniform, and free of the 64-bit
+      // divisions classify_tile does for streaming rules. (kSkip cannot occur in [mt_begin,
+      // mt_end): see CtaWork.)
+      const int tile_lo = static_cast<int>(m0);
+      const bool rows_covered = key_row_lo[0] <= tile_lo && tile_lo + kBlockM <= key_row_hi[0] &&
+                                key_row_lo[1] <= tile_lo && tile_lo + kBlockM <= key_row_hi[1];
+      const bool need_mask = __any_sync(0xffffffffu, !rows_covered);
+#if defined(FLUX_DEBUG)
+      assert(classify_tile(w.sc.rule, m0, imin(m0 + kBlockM, w.sc.len_q), w.n0, w.n1) != TileKind::kSkip);
+#endif
       const int stage = rd.index();
 
       pipe_q.consumer_wait(rd);

@@ -20,13 +20,13 @@ CUTE_DEVICE void zero_tail_rows(STensor&& s, int valid, int tid, int nthreads) {
 }
 
 // The lse or delta values of a thread's kCols query columns (column ni is query
-// q_base + 8 (ni / 2) + ni % 2, shared by the 8 lanes of the same t = lane % 4). Up to 16 columns
-// (hd128) each thread reads its own from smem. With 32 (hd64) that costs registers the S^T and
-// dP^T accumulators need, so lane (g, t) keeps only columns g + 8 i of its list and hands value ni
-// out by shuffle from lane (ni % 8) * 4 + t (FlashAttention-3's "ShuffleLSE").
+// q_base + 8 (ni / 2) + ni % 2, shared by the 8 lanes of the same t = lane % 4). Holding all of them
+// (16 at hd128, 32 at hd64) costs registers the S^T / dP^T / dK / dV accumulators need (hd128
+// spilled inside the main loop that way), so lane (g, t) keeps only columns g + 8 i of its list
+// and value ni comes by shuffle from lane (ni % 8) * 4 + t (FlashAttention-3's "ShuffleLSE").
 template <int kCols>
 struct RowStats {
-  static constexpr bool kShuffle = kCols > 16;
+  static constexpr bool kShuffle = kCols >= 16;
   static constexpr int kHeld = kShuffle ? kCols / 8 : kCols;
   static_assert(!kShuffle || kCols % 8 == 0, "shuffled stats: 8 lanes share a column list");
   float v[kHeld];

@@ -1,4 +1,6 @@
-// Attention backward, portable CUDA path. Three kernels, no atomics (deterministic by design):
+// Attention backward: the dispatcher (run_attention_bwd, bottom) and the portable CUDA path. On
+// Hopper, fp16 / bf16 at head dims 64 and 128 take the sm_90a kernels of sm90/bwd_*.cuh instead.
+// The portable path: three kernels, no atomics (deterministic by design):
 //   1. preprocess: delta_i = rowsum(dO_i * O_i) - dlse_i, one warp per (row, q head), into the
 //      workspace;
 //   2. dK/dV: one CTA per (key tile, kv head, sequence); it loops over the q heads of the GQA group
@@ -8,7 +10,7 @@
 // Probabilities are recomputed from the saved lse. Like the forward, run_attention_bwd is the one
 // place that picks the kernels.
 //
-// Workspace layout: delta, fp32, in the layout of lse: padded [B, Hq, Sq] (batch stride Hq * Sq,
+// Portable workspace layout (the sm90 one is in sm90/bwd_workspace.cuh): delta, fp32, in the layout of lse: padded [B, Hq, Sq] (batch stride Hq * Sq,
 // head stride Sq), varlen [Hq, total_q] (head stride total_q); row i of sequence b at
 // b * batch_stride + h * head_stride + q_start(b) + i.
 #include <cmath>
@@ -17,6 +19,8 @@
 #include "cuda_utils.cuh"
 #include "flux/launch.h"
 #include "flux/streaming.h"
+#include "sm90/arch.h"
+#include "sm90/bwd_sm90.h"
 
 namespace flux {
 namespace {
@@ -435,10 +439,28 @@ cudaError_t run_attention_bwd_mma(AttnBwdParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// The sm_90a kernels (wgmma, TMA) when the device is a Hopper part and the inputs qualify
+// (fp16 / bf16, head dim 64 / 128, 16-byte aligned rows); else the portable kernels above. The
+// workspace size and the launch ask the same question, so they always agree.
+bool use_sm90(const AttnBwdParams& p) {
+  return sm90::bwd_supports(p) && sm90::enabled_on_current_device();
+}
+
+cudaError_t run_attention_bwd_sm90(const AttnBwdParams& p, cudaStream_t stream) {
+  const bool bf16 = p.dtype == DataType::kBFloat16;
+  if (p.head_dim == 64) {
+    return bf16 ? sm90::run_attention_bwd_sm90<DataType::kBFloat16, 64>(p, stream)
+                : sm90::run_attention_bwd_sm90<DataType::kFloat16, 64>(p, stream);
+  }
+  return bf16 ? sm90::run_attention_bwd_sm90<DataType::kBFloat16, 128>(p, stream)
+              : sm90::run_attention_bwd_sm90<DataType::kFloat16, 128>(p, stream);
+}
+
 }  // namespace
 
 size_t attention_bwd_workspace_bytes(const AttnBwdParams& params) {
   if (params.num_heads_q <= 0) return 0;
+  if (use_sm90(params)) return sm90::bwd_workspace_bytes(params);
   const int64_t rows = delta_rows(params);
   return rows > 0 ? static_cast<size_t>(rows) * static_cast<size_t>(params.num_heads_q) * sizeof(float)
                   : 0;
@@ -460,8 +482,9 @@ cudaError_t run_attention_bwd(AttnBwdParams& params, cudaStream_t stream) {
       ceil_div<int64_t>(params.seqlen_k, 16) > int64_t(0x7fffffff)) {
     return cudaErrorInvalidValue;
   }
-  // Kernel choice: the portable mma.sync kernels for every dtype / head dim; architecture-specific
-  // backward kernels slot in here, behind the same launcher and workspace contract.
+  // Kernel choice (the one place): sm90 when use_sm90, else the portable mma.sync kernels for
+  // every dtype / head dim, behind the same launcher and workspace contract.
+  if (use_sm90(params)) return run_attention_bwd_sm90(params, stream);
   return attn::dispatch_dtype_head_dim(params.dtype, params.head_dim, [&](auto tag, auto hd) {
     using T = typename decltype(tag)::type;
     return run_attention_bwd_mma<T, decltype(hd)::value>(params, stream);

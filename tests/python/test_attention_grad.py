@@ -290,3 +290,75 @@ def test_gradcheck_flux():
     gradcheck_both(lambda a, b, c: fa.flux_attention(a, b, c, use_sparse, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                                      max_seqlen_q=9, max_seqlen_k=9, block_size=2, sink_tokens=2,
                                                      local_blocks=1), (q, k, v))
+
+
+# ----------------------------------------------------------------------------------------------
+# Head dim 128 (the sm90 backward's main instantiation on Hopper) and long / production shapes
+# ----------------------------------------------------------------------------------------------
+
+HD128_CASES = ["full", "causal_lq_lt_lk", "varlen_causal", "sparse", "flux_varlen"]
+
+
+@pytest.mark.parametrize("case", HD128_CASES)
+def test_grad_hd128(device, case):
+    """bf16 at D = 128 with GQA, ragged lengths against the 64 / 128-row tiles and NaN varlen tails."""
+    d = 128
+    if case in ("full", "causal_lq_lt_lk", "sparse"):
+        lq, lk = {"full": (200, 200), "causal_lq_lt_lk": (70, 190), "sparse": (300, 300)}[case]
+        q = randn(2, lq, 8, d, dtype=BF16, device=device)
+        k = randn(2, lk, 2, d, dtype=BF16, device=device)
+        v = randn(2, lk, 2, d, dtype=BF16, device=device)
+        if case == "sparse":
+            check_grads("sparse hd128", sparse(**SMALL), q, k, v, BF16, sparse=True, **SMALL)
+        else:
+            causal = case != "full"
+            check_grads(f"{case} hd128", full(causal), q, k, v, BF16, causal=causal)
+        return
+    lengths = [129, 0, 300, 1, 64]
+    q, cu = pack_varlen(lengths, 8, d, dtype=BF16, device=device)
+    k, _ = pack_varlen(lengths, 2, d, dtype=BF16, device=device, extra_rows=5)
+    v, _ = pack_varlen(lengths, 2, d, dtype=BF16, device=device, extra_rows=5)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=300, max_seqlen_k=300)
+    if case == "varlen_causal":
+        check_grads("varlen hd128", full(True, **kw), q, k, v, BF16, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    else:
+        flags = [True, False, False, True, True]
+        use_sparse = torch.tensor(flags, device=device)
+        fn = lambda a, b, c: fa.flux_attention(a, b, c, use_sparse, **kw, **SMALL)  # noqa: E731
+        check_grads("flux varlen hd128", fn, q, k, v, BF16, cu_seqlens_q=cu, cu_seqlens_k=cu, sparse=flags, **SMALL)
+
+
+PRODUCTION = dict(block_size=128, sink_tokens=128, local_blocks=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", device_params(cpu=False))
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "default"])
+@pytest.mark.parametrize("case", ["causal_4k", "full_4k_hd64", "varlen_causal_8k", "sparse_prod_8k",
+                                  "flux_prod_varlen"])
+def test_grad_long(device, deterministic, case):
+    """Long sequences on CUDA: thousands of query tiles per key block, the production streaming
+    pattern (sink 128 + 16 local blocks of 128) and per-sequence routing at realistic lengths."""
+    if case in ("causal_4k", "full_4k_hd64", "sparse_prod_8k"):
+        s, d, causal = {"causal_4k": (4096, 128, True), "full_4k_hd64": (4096, 64, False),
+                        "sparse_prod_8k": (8192, 128, True)}[case]
+        q = randn(1, s, 8, d, dtype=BF16, device=device)
+        k = randn(1, s, 2, d, dtype=BF16, device=device)
+        v = randn(1, s, 2, d, dtype=BF16, device=device)
+        if case == "sparse_prod_8k":
+            check_grads(case, sparse(**PRODUCTION), q, k, v, BF16, sparse=True, **PRODUCTION)
+        else:
+            check_grads(case, full(causal), q, k, v, BF16, causal=causal)
+        return
+    lengths = [5000, 1500, 129, 0, 1000] if case == "varlen_causal_8k" else [8192, 4000, 2049]
+    q, cu = pack_varlen(lengths, 8, 128, dtype=BF16, device=device)
+    k, _ = pack_varlen(lengths, 2, 128, dtype=BF16, device=device, extra_rows=5)
+    v, _ = pack_varlen(lengths, 2, 128, dtype=BF16, device=device, extra_rows=5)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    if case == "varlen_causal_8k":
+        check_grads(case, full(True, **kw), q, k, v, BF16, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    else:
+        flags = [True, False, True]
+        use_sparse = torch.tensor(flags, device=device)
+        fn = lambda a, b, c: fa.flux_attention(a, b, c, use_sparse, **kw, **PRODUCTION)  # noqa: E731
+        check_grads(case, fn, q, k, v, BF16, cu_seqlens_q=cu, cu_seqlens_k=cu, sparse=flags, **PRODUCTION)

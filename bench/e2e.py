@@ -88,7 +88,7 @@ GiB = 1 << 30
 
 
 def ctx(length: int) -> str:
-    return f"{ctx(length)}" if length >= K and length % K == 0 else str(length)
+    return f"{length // K}K" if length >= K and length % K == 0 else str(length)
 
 
 def log(msg: str) -> None:

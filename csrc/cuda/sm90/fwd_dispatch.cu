@@ -35,6 +35,14 @@ bool fwd_persistent_enabled() {
   return on;
 }
 
+int fwd_tune_variant() {
+  static const int v = [] {
+    const char* e = std::getenv("FLUX_SM90_FWD_TUNE");
+    return e == nullptr ? 0 : std::atoi(e);
+  }();
+  return v;
+}
+
 bool fwd_sm90_supported(const AttnFwdParams& p) {
   if (p.dtype != DataType::kBFloat16 && p.dtype != DataType::kFloat16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;

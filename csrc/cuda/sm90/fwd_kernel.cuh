@@ -363,7 +363,11 @@ __device__ __forceinline__ PipeState<Cfg::kStages> fwd_consumer(const FwdArgs<Cf
       mbar_arrive(&ss.bar_v_empty[prev.stage]);
       // Once the row maxima settle most tiles leave them unchanged (alpha exactly 1): skip the 64
       // multiplies per thread when none of the warp's 16 rows moved. Exact either way.
-      if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) scale_rows(tOrO, alpha);
+      if constexpr (Cfg::kSkipUnchangedRescale) {
+        if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) scale_rows(tOrO, alpha);
+      } else {
+        scale_rows(tOrO, alpha);
+      }
       convert_to_operand(tSrS, tOrP);
       prev = pipe;
       pipe.advance();

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_runtime_api.h>
 
@@ -42,9 +43,9 @@ FwdArgs<Cfg> make_fwd_args(const AttnFwdParams& p) {
   return a;
 }
 
-template <typename T, int kHeadDim, bool kPingpong>
+template <typename T, int kHeadDim, bool kPingpong, int kTune = 0>
 cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
-  using Cfg = FwdConfig<T, kHeadDim, kPingpong>;
+  using Cfg = FwdConfig<T, kHeadDim, kPingpong, kTune>;
   const FwdArgs<Cfg> args = make_fwd_args<Cfg>(p);
   auto kernel = attention_fwd_sm90_kernel<Cfg>;
   const int smem = Cfg::kSmemBytes + 1024;  // + alignment slack (see the kernel)
@@ -67,6 +68,11 @@ cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
 
 template <typename T, int kHeadDim>
 cudaError_t run_attention_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && kHeadDim == 128) {
+    const int tune = fwd_tune_variant();
+    if (tune == 1) return launch_fwd<T, kHeadDim, true, 1>(p, stream);
+    if (tune == 2) return launch_fwd<T, kHeadDim, true, 2>(p, stream);
+  }
   // FLUX_SM90_PINGPONG=0 selects the variant without warpgroup turn-taking (kept for measurement).
   return fwd_pingpong_enabled() ? launch_fwd<T, kHeadDim, true>(p, stream)
                                 : launch_fwd<T, kHeadDim, false>(p, stream);

@@ -21,6 +21,9 @@ bool fwd_pingpong_enabled();
 // one CTA per tile (default; =0).
 bool fwd_persistent_enabled();
 
+// Development A/B of the bf16 hd128 forward (FLUX_SM90_FWD_TUNE=0/1/2, see FwdConfig::kTune_).
+int fwd_tune_variant();
+
 // One explicit instantiation per (dtype, head dim) lives in csrc/cuda/inst/attn_fwd_sm90_*.cu.
 template <typename T, int kHeadDim>
 cudaError_t run_attention_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream);

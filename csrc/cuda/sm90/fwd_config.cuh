@@ -33,31 +33,27 @@ template <> struct CuteType<__half> { using type = cutlass::half_t; };
 using GmemShape = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
 using GmemStride = cute::Stride<int64_t, cute::_1, int64_t, int64_t>;
 
-// kTune_ (development A/B of bf16 hd128 only, FLUX_SM90_FWD_TUNE): 0 default, 1 always rescale O,
-// 2 always rescale O with the 40 / 232 register split.
-template <typename T, int kHeadDim_, bool kPingpong_ = true, int kTune_ = 0>
+template <typename T, int kHeadDim_, bool kPingpong_ = true>
 struct FwdConfig {
   using Element = typename CuteType<T>::type;
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "sm90 forward: head_dim 64 or 128");
 
-  // hd128: 2 consumer warpgroups (128 query rows), 2 K/V stages: Q, K/V and the O staging buffer fill
-  // 193 KB of shared memory. hd64: each K/V byte feeds half the FLOPs, so 3 consumers (192 rows) and
-  // 3 stages amortise the loads; measured 373 TFLOP/s causal 8K (H200) against 343 with 2 consumers,
-  // although at 160 registers per thread it spills a few values inside the main loop.
+  // hd128: 2 consumer warpgroups (128 query rows) with 2 K/V stages fill 160 KB of shared memory;
+  // a third stage would leave no room for anything else. hd64: rows are cheaper in registers and
+  // each K/V byte is reused by fewer FLOPs, so 3 consumers (192 rows) and 3 stages amortise loads.
   static constexpr int kNumMmaWarpgroups = kHeadDim == 64 ? 3 : 2;
   static constexpr int kBlockM = 64 * kNumMmaWarpgroups;
   static constexpr int kBlockN = 128;
   static constexpr int kStages = kHeadDim == 64 ? 3 : 2;
   static constexpr int kThreads = 128 * (kNumMmaWarpgroups + 1);
   static constexpr bool kPingpong = kPingpong_;
-  static constexpr bool kSkipUnchangedRescale = kTune_ == 0;
 
   // Register budget per thread after setmaxnreg: the 64K-register file split over the warpgroups
-  // (sum over warpgroups <= 512 per thread slot). 2 consumers: 24 + 2 x 240 = 504; at 232 the
-  // consumers reloaded ~5 spilled values before every P V product. 3 consumers: 32 + 3 x 160 = 512.
-  static constexpr int kProducerRegs = kNumMmaWarpgroups == 3 ? 32 : (kTune_ == 2 ? 40 : 24);
-  static constexpr int kConsumerRegs = kNumMmaWarpgroups == 3 ? 160 : (kTune_ == 2 ? 232 : 240);
+  // (sum over warpgroups <= 512 per thread slot). The producer's tile walk is 64-bit arithmetic; at 24
+  // registers it spilled ~400 bytes. 2 consumers: 40 + 2 x 232 = 504; 3 consumers: 32 + 3 x 160 = 512.
+  static constexpr int kProducerRegs = kNumMmaWarpgroups == 2 ? 40 : 32;
+  static constexpr int kConsumerRegs = kNumMmaWarpgroups == 2 ? 232 : 160;
 
   // Shared memory: 128-byte swizzle, K-major (head_dim contiguous), the only layout in which both
   // TMA writes and wgmma reads are bank-conflict-free for 16-bit rows of >= 64 elements.
@@ -94,14 +90,11 @@ struct FwdConfig {
   static constexpr uint32_t kBytesKV = kBlockN * kHeadDim * sizeof(Element);
 
   struct SharedStorage {
+    // Q is also where each consumer warpgroup stages its 64 rows of O for the final store.
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> q;
-    // O is staged apart from Q: in a persistent CTA the producer already loads the next tile's Q
-    // while the consumers store this tile's O.
-    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> o;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> k;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>> v;
     alignas(16) uint64_t bar_q;
-    uint64_t bar_q_empty;
     uint64_t bar_k_full[kStages];
     uint64_t bar_k_empty[kStages];
     uint64_t bar_v_full[kStages];

@@ -27,22 +27,6 @@ bool fwd_pingpong_enabled() {
   return on;
 }
 
-bool fwd_persistent_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("FLUX_SM90_PERSISTENT");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
-}
-
-int fwd_tune_variant() {
-  static const int v = [] {
-    const char* e = std::getenv("FLUX_SM90_FWD_TUNE");
-    return e == nullptr ? 0 : std::atoi(e);
-  }();
-  return v;
-}
-
 bool fwd_sm90_supported(const AttnFwdParams& p) {
   if (p.dtype != DataType::kBFloat16 && p.dtype != DataType::kFloat16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;

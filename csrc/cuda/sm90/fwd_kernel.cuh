@@ -28,36 +28,8 @@ struct FwdArgs {
   typename Cfg::TmaKV tma_v;
   GmemShape shape_q;   // as the TMA descriptors were built (see fwd_launch.cuh)
   GmemShape shape_kv;
-  int num_m_blocks;    // query tiles per (head, sequence): ceil(max_seqlen_q / BLK_M)
   AttnFwdParams p;     // pointers, strides and lengths for everything TMA does not do
 };
-
-// The work list: tile t is (query tile, head, sequence) with the heads fastest, then the query tiles
-// from last to first (the heaviest causal tiles first: longest-processing-time order), then the
-// sequences. Sequence-major keeps the CTAs in flight on one sequence's K/V: with 4 x 8K sequences
-// interleaved instead, their 134 MB of K/V overflowed the 50 MB L2 and causal 8K lost 13%
-// (557 -> 486 TFLOP/s, H200). A CTA takes tiles blockIdx.x, blockIdx.x + gridDim.x, ...: one each
-// when the grid covers the list, several when it is persistent (one CTA per SM); producer and
-// consumers walk the same list.
-struct FwdTile {
-  int m_block, h, b;
-};
-
-__device__ __forceinline__ FwdTile decode_tile(int t, int num_heads, int num_m_blocks) {
-  FwdTile w;
-  w.h = t % num_heads;
-  const int rest = t / num_heads;
-  w.m_block = num_m_blocks - 1 - rest % num_m_blocks;
-  w.b = rest / num_m_blocks;
-  return w;
-}
-
-// Varlen lists are sized by max_seqlen_q: tiles past their sequence's end have nothing to do.
-__device__ __forceinline__ bool tile_has_rows(const AttnFwdParams& p, const FwdTile& w, int block_m) {
-  const int64_t len_q =
-      p.cu_seqlens_q != nullptr ? p.cu_seqlens_q[w.b + 1] - p.cu_seqlens_q[w.b] : p.seqlen_q;
-  return int64_t(w.m_block) * block_m < len_q;
-}
 
 // Rows [0, valid) of a BLK_N x D shared-memory slot from global rows, zeros below, with 16-byte
 // cp.async (zero-filling; all in flight at once). The producer warp uses it instead of TMA for the
@@ -83,13 +55,9 @@ __device__ __forceinline__ void load_tile_zero_fill(SmemTile&& s, const typename
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-// Loads one tile's Q and K/V; returns the ring position after it (passed by value so that the
-// state stays in registers).
 template <class Cfg>
-__device__ __forceinline__ PipeState<Cfg::kStages> fwd_producer(const FwdArgs<Cfg>& args,
-                                                                typename Cfg::SharedStorage& ss, int b, int h,
-                                                                int m_block, PipeState<Cfg::kStages> pipe,
-                                                                uint32_t q_phase) {
+__device__ __forceinline__ void fwd_producer(const FwdArgs<Cfg>& args, typename Cfg::SharedStorage& ss,
+                                             int b, int h, int m_block) {
   using namespace cute;
   using Element = typename Cfg::Element;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim;
@@ -122,8 +90,6 @@ __device__ __forceinline__ PipeState<Cfg::kStages> fwd_producer(const FwdArgs<Cf
   auto [tVgV, tVsV] = tma_partition(args.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV),
                                     group_modes<0, 2>(gV));  // (TMA, n), (TMA, PIPE)
 
-  // The previous tile's consumers must be done reading Q (its last S = Q K^T has completed).
-  mbar_wait(&ss.bar_q_empty, q_phase ^ 1u);
   if (lane == 0) {
     mbar_arrive_expect_tx(&ss.bar_q, Cfg::kBytesQ);
     copy(args.tma_q.with(ss.bar_q), tQgQ, tQsQ);
@@ -135,6 +101,7 @@ __device__ __forceinline__ PipeState<Cfg::kStages> fwd_producer(const FwdArgs<Cf
   const Element* v_seq = static_cast<const Element*>(p.v) + sc.k_start * p.v_row_stride +
                          int64_t(hk) * p.v_head_stride;
 
+  PipeState<Cfg::kStages> pipe;
   for (int64_t it = walk.count - 1; it >= 0; --it) {
     const int n = static_cast<int>(walk.tile(it));
     const int64_t j0 = int64_t(n) * kBlockN;
@@ -161,7 +128,6 @@ __device__ __forceinline__ PipeState<Cfg::kStages> fwd_producer(const FwdArgs<Cf
     }
     pipe.advance();
   }
-  return pipe;
 }
 
 // Per-thread softmax state of the two accumulator rows a thread holds. The fp32 accumulator of a
@@ -259,12 +225,9 @@ __device__ __forceinline__ void scale_rows(Acc& acc, const float (&f)[2]) {
   for (int i = 0; i < decltype(size(acc))::value; ++i) acc(i) *= f[(i / 2) % 2];
 }
 
-// Computes one tile of O and lse; returns the K/V ring position after it.
 template <class Cfg>
-__device__ __forceinline__ PipeState<Cfg::kStages> fwd_consumer(const FwdArgs<Cfg>& args,
-                                                                typename Cfg::SharedStorage& ss, int b, int h,
-                                                                int m_block, int wg, PipeState<Cfg::kStages> pipe,
-                                                                uint32_t q_phase) {
+__device__ __forceinline__ void fwd_consumer(const FwdArgs<Cfg>& args, typename Cfg::SharedStorage& ss,
+                                             int b, int h, int m_block, int wg) {
   using namespace cute;
   using Element = typename Cfg::Element;
   constexpr int kBlockN = Cfg::kBlockN, kHeadDim = Cfg::kHeadDim, kNumWG = Cfg::kNumMmaWarpgroups;
@@ -330,7 +293,8 @@ __device__ __forceinline__ PipeState<Cfg::kStages> fwd_consumer(const FwdArgs<Cf
   sm.sum[0] = sm.sum[1] = 0.0f;
   float alpha[2];
 
-  mbar_wait(&ss.bar_q, q_phase);
+  mbar_wait(&ss.bar_q, 0);
+  PipeState<Cfg::kStages> pipe;
 
   if (count > 0) {
     // First tile: S only, nothing to overlap with.
@@ -361,13 +325,7 @@ __device__ __forceinline__ PipeState<Cfg::kStages> fwd_consumer(const FwdArgs<Cf
       sm.update<false>(tSrS, scale_log2, alpha);
       warpgroup_wait<0>();
       mbar_arrive(&ss.bar_v_empty[prev.stage]);
-      // Once the row maxima settle most tiles leave them unchanged (alpha exactly 1): skip the 64
-      // multiplies per thread when none of the warp's 16 rows moved. Exact either way.
-      if constexpr (Cfg::kSkipUnchangedRescale) {
-        if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) scale_rows(tOrO, alpha);
-      } else {
-        scale_rows(tOrO, alpha);
-      }
+      scale_rows(tOrO, alpha);
       convert_to_operand(tSrS, tOrP);
       prev = pipe;
       pipe.advance();
@@ -378,10 +336,9 @@ __device__ __forceinline__ PipeState<Cfg::kStages> fwd_consumer(const FwdArgs<Cf
     warpgroup_wait<0>();
     mbar_arrive(&ss.bar_v_empty[prev.stage]);
   }
-  mbar_arrive(&ss.bar_q_empty);  // every S = Q K^T of this tile has completed
 
-  // Epilogue: normalise, write lse, stage O in this warpgroup's rows of the O buffer, then store
-  // the rows inside the sequence with 16-byte writes.
+  // Epilogue: normalise, write lse, stage O in this warpgroup's rows of sQ (its own wgmma reads of
+  // them are complete), then store the rows inside the sequence with 16-byte writes.
   float inv[2];
   CUTE_UNROLL
   for (int r = 0; r < 2; ++r) {
@@ -395,15 +352,11 @@ __device__ __forceinline__ PipeState<Cfg::kStages> fwd_consumer(const FwdArgs<Cf
     }
   }
   scale_rows(tOrO, inv);
-  Tensor sO = make_tensor(make_smem_ptr(ss.o.data()), typename Cfg::SmemLayoutQ{});  // (BLK_M, D)
-  Tensor sOw = local_tile(sO, Shape<_64, Int<kHeadDim>>{}, make_coord(wg, _0{}));      // (64, D)
-  Tensor tOsO = thr_pv.partition_C(sOw);  // (MMA, 1, 1) view of smem
-  // The warpgroup's stores of the previous tile (persistent CTAs) have read the buffer.
-  named_barrier_sync(int(NamedBarrierId::kEpilogue) + wg, kWgThreads);
+  Tensor tOsO = thr_pv.partition_C(sQw);  // (MMA, 1, 1) view of smem
   CUTE_UNROLL
   for (int i = 0; i < size(tOrO); ++i) tOsO(i) = static_cast<Element>(tOrO(i));
   named_barrier_sync(int(NamedBarrierId::kEpilogue) + wg, kWgThreads);
-  if (!has_rows) return pipe;
+  if (!has_rows) return;
   constexpr int kChunks = kHeadDim / 8;
   Element* o_rows = static_cast<Element*>(p.out) + b * p.o_batch_stride + (sc.q_start + m0w) * p.o_row_stride +
                     int64_t(h) * p.o_head_stride;
@@ -412,10 +365,9 @@ __device__ __forceinline__ PipeState<Cfg::kStages> fwd_consumer(const FwdArgs<Cf
     const int r = idx / kChunks;
     const int c = (idx % kChunks) * 8;
     if (r < rows) {
-      *reinterpret_cast<uint4*>(o_rows + r * p.o_row_stride + c) = *reinterpret_cast<const uint4*>(&sOw(r, c));
+      *reinterpret_cast<uint4*>(o_rows + r * p.o_row_stride + c) = *reinterpret_cast<const uint4*>(&sQw(r, c));
     }
   }
-  return pipe;
 }
 
 template <class Cfg>
@@ -430,14 +382,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
   const AttnFwdParams& p = args.p;
-  const int num_tiles = args.num_m_blocks * p.num_heads_q * p.batch;
+  // grid (q heads, query tiles, batch); the heaviest query tiles (last rows: most keys under a
+  // causal mask) are launched first, so the tail of the grid is short tiles.
+  const int h = blockIdx.x;
+  const int b = blockIdx.z;
+  const int m_block = gridDim.y - 1 - blockIdx.y;
+  // Varlen grids are sized by max_seqlen_q: tiles past this sequence's end have nothing to do.
+  // Uniform over the CTA. The roles compute the rest of their coordinates after the register
+  // split, so nothing computed here stays live across setmaxnreg.
+  const int64_t len_q = p.cu_seqlens_q != nullptr ? p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b] : p.seqlen_q;
+  if (int64_t(m_block) * Cfg::kBlockM >= len_q) return;
 
   const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x) / 32, 0);
   const int warpgroup = warp / 4;
   if (threadIdx.x == 0) {
     constexpr uint32_t kConsumers = 128 * Cfg::kNumMmaWarpgroups;
     mbar_init(&ss.bar_q, 1);
-    mbar_init(&ss.bar_q_empty, kConsumers);
     CUTE_UNROLL
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbar_init(&ss.bar_k_full[s], 1);
@@ -449,28 +409,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   __syncthreads();
 
-  // Each role keeps its K/V ring position and Q phase across the tiles of a persistent CTA. The
-  // roles compute their tile coordinates after the register split, so nothing computed before it
-  // stays live across setmaxnreg.
-  PipeState<Cfg::kStages> pipe;
-  uint32_t q_phase = 0;
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegs>();
-    if (warp != 0) return;
-    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-      const FwdTile w = decode_tile(t, p.num_heads_q, args.num_m_blocks);
-      if (!tile_has_rows(p, w, Cfg::kBlockM)) continue;
-      pipe = fwd_producer<Cfg>(args, ss, w.b, w.h, w.m_block, pipe, q_phase);
-      q_phase ^= 1u;
-    }
+    if (warp == 0) fwd_producer<Cfg>(args, ss, b, h, m_block);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegs>();
-    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
-      const FwdTile w = decode_tile(t, p.num_heads_q, args.num_m_blocks);
-      if (!tile_has_rows(p, w, Cfg::kBlockM)) continue;
-      pipe = fwd_consumer<Cfg>(args, ss, w.b, w.h, w.m_block, warpgroup - 1, pipe, q_phase);
-      q_phase ^= 1u;
-    }
+    fwd_consumer<Cfg>(args, ss, b, h, m_block, warpgroup - 1);
   }
 #endif
 }

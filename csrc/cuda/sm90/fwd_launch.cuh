@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include <cuda_runtime_api.h>
 
@@ -20,7 +19,6 @@ FwdArgs<Cfg> make_fwd_args(const AttnFwdParams& p) {
   using Element = typename Cfg::Element;
   FwdArgs<Cfg> a;
   a.p = p;
-  a.num_m_blocks = static_cast<int>(ceil_div<int64_t>(p.seqlen_q, Cfg::kBlockM));
   const bool varlen = p.is_varlen();
   // Varlen: one packed sequence per head, batch extent 1. A stride along an extent of 1 is never
   // used, but TMA wants every stride a non-zero multiple of 16 bytes: such strides (batch of a
@@ -43,36 +41,24 @@ FwdArgs<Cfg> make_fwd_args(const AttnFwdParams& p) {
   return a;
 }
 
-template <typename T, int kHeadDim, bool kPingpong, int kTune = 0>
+template <typename T, int kHeadDim, bool kPingpong>
 cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
-  using Cfg = FwdConfig<T, kHeadDim, kPingpong, kTune>;
+  using Cfg = FwdConfig<T, kHeadDim, kPingpong>;
   const FwdArgs<Cfg> args = make_fwd_args<Cfg>(p);
   auto kernel = attention_fwd_sm90_kernel<Cfg>;
   const int smem = Cfg::kSmemBytes + 1024;  // + alignment slack (see the kernel)
   FLUX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const int64_t tiles = int64_t(args.num_m_blocks) * p.num_heads_q * p.batch;
-  if (tiles > int64_t(0x7fffffff)) return cudaErrorInvalidValue;
-  // Persistent: one CTA per SM walks the tile list, so the next tile's Q and K/V loads overlap
-  // this tile's epilogue. Otherwise one CTA per tile.
-  int64_t ctas = tiles;
-  if (fwd_persistent_enabled()) {
-    int dev = 0, sms = 0;
-    FLUX_CUDA_CHECK(cudaGetDevice(&dev));
-    FLUX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    ctas = tiles < sms ? tiles : sms;
-  }
-  kernel<<<static_cast<unsigned>(ctas), Cfg::kThreads, smem, stream>>>(args);
+  const int64_t m_blocks = ceil_div<int64_t>(p.seqlen_q, Cfg::kBlockM);
+  if (m_blocks > 65535) return cudaErrorInvalidValue;  // grid.y; fwd_sm90_supported rules it out
+  const dim3 grid(static_cast<unsigned>(p.num_heads_q), static_cast<unsigned>(m_blocks),
+                  static_cast<unsigned>(p.batch));
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(args);
   FLUX_CUDA_CHECK_LAUNCH();
   return cudaSuccess;
 }
 
 template <typename T, int kHeadDim>
 cudaError_t run_attention_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && kHeadDim == 128) {
-    const int tune = fwd_tune_variant();
-    if (tune == 1) return launch_fwd<T, kHeadDim, true, 1>(p, stream);
-    if (tune == 2) return launch_fwd<T, kHeadDim, true, 2>(p, stream);
-  }
   // FLUX_SM90_PINGPONG=0 selects the variant without warpgroup turn-taking (kept for measurement).
   return fwd_pingpong_enabled() ? launch_fwd<T, kHeadDim, true>(p, stream)
                                 : launch_fwd<T, kHeadDim, false>(p, stream);

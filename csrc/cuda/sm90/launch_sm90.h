@@ -17,13 +17,6 @@ bool fwd_sm90_supported(const AttnFwdParams& p);
 // Whether the consumer warpgroups take turns issuing wgmma (default on; FLUX_SM90_PINGPONG=0 off).
 bool fwd_pingpong_enabled();
 
-// Whether the forward runs one persistent CTA per SM over the tile list (FLUX_SM90_PERSISTENT=1) or
-// one CTA per tile (default; =0).
-bool fwd_persistent_enabled();
-
-// Development A/B of the bf16 hd128 forward (FLUX_SM90_FWD_TUNE=0/1/2, see FwdConfig::kTune_).
-int fwd_tune_variant();
-
 // One explicit instantiation per (dtype, head dim) lives in csrc/cuda/inst/attn_fwd_sm90_*.cu.
 template <typename T, int kHeadDim>
 cudaError_t run_attention_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream);

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One command for the H200 machine (no network): build the extension with CUDA, run the test suite
 # on CUDA, run compute-sanitizer on small shapes, run the benchmarks, print a summary table.
-#   scripts/gpu_check.sh [--quick] [--no-bench] [--no-sanitizer]
+#   scripts/gpu_check.sh [--quick] [--no-bench] [--no-sanitizer] [--prebuilt] [--e2e] [--train]
+#     --prebuilt  use the extension already in flux_attention/ when it imports with CUDA (e.g. one
+#                 built elsewhere against the same torch and carried over) instead of building
+#     --e2e       also run bench/e2e.py (Llama-3.1-8B shape through transformers, ~5 min)
+#     --train     also run scripts/train_gpu_check.sh (8B-shape router training throughput, ~2.5 min)
 # Logs and results go to $OUT (the device tool's output folder) or /tmp/flux-gpu-check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,12 +14,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for every tool below
 PY=${PY:-python3}
-QUICK=0; BENCH=1; SANITIZER=1
+QUICK=0; BENCH=1; SANITIZER=1; PREBUILT=0; E2E=0; TRAIN=0
 for a in "$@"; do
   case $a in
     --quick) QUICK=1 ;;
     --no-bench) BENCH=0 ;;
     --no-sanitizer) SANITIZER=0 ;;
+    --prebuilt) PREBUILT=1 ;;
+    --e2e) E2E=1 ;;
+    --train) TRAIN=1 ;;
     *) echo "gpu_check.sh: unknown option $a"; exit 2 ;;
   esac
 done
@@ -39,8 +46,12 @@ export FLUX_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-4}
 # with it, any error message that c10 streams (SymInt, ints) segfaulted inside libstdc++'s locale
 # code. The system GCC (13.3, same major) links against the shared libstdc++ torch uses: prefer it.
 if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
-step build $PY setup.py -q build_ext --inplace || { echo "build failed"; exit 1; }
-step cuda_compile_times $PY scripts/cuda_compile_check.py
+if [ $PREBUILT = 1 ] && $PY -c 'import sys, flux_attention as fa; sys.exit(0 if fa.build_info().get("cuda") else 1)'; then
+  echo "=== using the prebuilt extension: $($PY -c 'import flux_attention as fa; print(fa.build_info())')"
+else
+  step build $PY setup.py -q build_ext --inplace || { echo "build failed"; exit 1; }
+  step cuda_compile_times $PY scripts/cuda_compile_check.py
+fi
 
 SEL="cuda"
 [ $QUICK = 1 ] && SEL="cuda and not slow"
@@ -49,6 +60,10 @@ step pytest_cuda $PY -m pytest -q -m "$SEL" -p no:cacheprovider -rs --junitxml="
 if grep -q '<skipped' "$OUT/pytest_cuda.xml" 2>/dev/null; then
   names+=("no_skips"); results+=("FAIL (skipped CUDA tests: see pytest_cuda.log)")
 fi
+
+# The sm_90a kernels case by case against float64 references (each case reports and the run goes on).
+step sm90_fwd_check timeout 300 $PY scripts/sm90_fwd_check.py $([ $QUICK = 1 ] && echo --quick)
+step sm90_bwd_check timeout 300 $PY scripts/check_bwd_sm90.py --out-dir "$OUT"
 
 if [ $SANITIZER = 1 ] && command -v compute-sanitizer >/dev/null; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitizer_cases.py
@@ -60,6 +75,8 @@ if [ $BENCH = 1 ]; then
     [ -f "$b" ] && step "bench_$(basename "$b" .py)" $PY "$b" $([ $QUICK = 1 ] && echo --quick) --out-dir "$OUT"
   done
 fi
+[ $E2E = 1 ] && step bench_e2e timeout 450 $PY bench/e2e.py $([ $QUICK = 1 ] && echo --quick) --out-dir "$OUT"
+[ $TRAIN = 1 ] && step train_check env PYTHON=$PY bash scripts/train_gpu_check.sh
 
 echo
 echo "=== summary ($(head -2 "$OUT/gpu.txt" | tail -1 | cut -d, -f1))"

@@ -179,14 +179,16 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes, no FlexAttention compile for dense")
     ap.add_argument("--fwd-only", action="store_true", help="forward passes only")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes minutes)")
+    ap.add_argument("--only", choices=("dense", "sparse", "mixed"), help="run one section only")
     ap.add_argument("--name", default="h200_attention", help="results file name (without .json)")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", ""))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
-    dense = bench_dense(args.quick, args.fwd_only, not args.no_flex)
-    sparse = bench_sparse(args.quick, args.fwd_only, not args.no_flex)
-    mixed = bench_mixed()
+    run = lambda section: args.only in (None, section)  # noqa: E731
+    dense = bench_dense(args.quick, args.fwd_only, not args.no_flex) if run("dense") else []
+    sparse = bench_sparse(args.quick, args.fwd_only, not args.no_flex) if run("sparse") else []
+    mixed = bench_mixed() if run("mixed") else {}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: os.environ[k] for k in ("FLUX_DISABLE_SM90", "FLUX_SM90_PINGPONG") if k in os.environ}
     write_results(args.name, {"quick": args.quick, "fwd_only": args.fwd_only, "env": env, "dense": dense,

@@ -134,7 +134,9 @@ def cp_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: T
     q_pre = module.__dict__.get("_flux_q")
     if q_pre is not None:
         if _routed(module):
-            module._flux_q = seq_to_heads(q_pre.reshape(query.shape[2], query.shape[1], -1), group)
+            # [t, Hq, D] of this rank's rows -> [1, T, Hq / cp, D]: the [batch, rows, heads, D] that
+            # hf.flux_attention_forward reads from a captured q_proj output.
+            module.__dict__["_flux_q"] = seq_to_heads(q_pre.reshape(query.shape[2], query.shape[1], -1), group)[None]
         else:
             del module._flux_q  # a forced layer does not pool: skip its all-to-all
     cols = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [T, h, D] -> [1, h, T, D]

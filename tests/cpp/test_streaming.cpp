@@ -13,6 +13,7 @@
 
 #include "catch_compat.h"
 #include "flux/streaming.h"
+#include "flux/tile_mask_plan.h"
 
 namespace {
 
@@ -230,6 +231,59 @@ TEST_CASE("classify_tile is safe on kernel tilings and on arbitrary rectangles",
     }
   }
   REQUIRE(checked > 0);
+}
+
+TEST_CASE("tile_mask_plan marks exactly the tiles a key loop must mask", "[streaming]") {
+  // The kernels' question per key tile n of a row range: is it the ragged last tile (j0 + tn > Lk), or
+  // a tile classify_tile does not call kFull (cut at Lk, as the kernels cut it)? The plan must give
+  // the same answer for every tile, including the tiles a wider range visits that these rows skip,
+  // and for empty row ranges (only the ragged tile).
+  const int seed = GENERATE(range(0, 40));
+  std::mt19937_64 rng(7000 + seed);
+  auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  int64_t checked = 0, masked = 0;
+  for (int n = 0; n < kConfigsPerSeed; ++n) {
+    const Config c = random_config(rng);
+    if (c.lk == 0) continue;
+    const flux::RowRule r = c.rule();
+    const std::vector<char> m = reference_matrix(c);
+    std::vector<std::pair<int64_t, int64_t>> row_ranges = {{c.lq, c.lq}};  // rows past the sequence
+    for (int64_t tm : {int64_t(1), int64_t(2), int64_t(3), c.block, 2 * c.block})
+      for (int64_t i0 = 0; i0 < c.lq; i0 += tm) row_ranges.emplace_back(i0, std::min(i0 + tm, c.lq));
+    for (int k = 0; k < 20 && c.lq > 0; ++k) {
+      const int64_t i0 = uni(0, c.lq - 1);
+      row_ranges.emplace_back(i0, uni(i0 + 1, c.lq));
+    }
+    for (int64_t tn : {int64_t(1), int64_t(3), int64_t(4), c.block, 2 * c.block}) {
+      for (const auto& [i0, i1] : row_ranges) {
+        const flux::TileMaskPlan plan = flux::tile_mask_plan(r, i0, i1, tn);
+        for (int64_t t = 0; t * tn < c.lk; ++t) {
+          const int64_t j0 = t * tn, j1 = std::min(j0 + tn, c.lk);
+          const bool ragged = j0 + tn > c.lk;
+          const bool want = i0 >= i1 ? ragged
+                                     : ragged || flux::classify_tile(r, i0, i1, j0, j1) != flux::TileKind::kFull;
+          if (plan.needs_mask(t) != want) {
+            INFO(c.str() << " rows [" << i0 << ", " << i1 << ") tile " << t << " of " << tn << " keys: plan "
+                         << plan.needs_mask(t) << " (mask_from " << plan.mask_from << ", band [" << plan.band_lo
+                         << ", " << plan.band_hi << ")), classify says " << want);
+            FAIL("tile_mask_plan disagrees with classify_tile");
+          }
+          // An unmasked tile's rows see every key of it (the element rule, not the header).
+          if (!want && i0 < i1) {
+            const TileTruth tt = tile_truth(c, m, i0, i1, j0, j1);
+            if (!tt.all) {
+              INFO(c.str() << " rows [" << i0 << ", " << i1 << ") tile " << t << " of " << tn << " keys");
+              FAIL("an unmasked tile holds an invisible element");
+            }
+          }
+          ++checked;
+          masked += want;
+        }
+      }
+    }
+  }
+  REQUIRE(checked > 0);
+  REQUIRE(masked > 0);
 }
 
 TEST_CASE("key_ranges_for_rows covers every visible key of its rows", "[streaming]") {

@@ -16,6 +16,7 @@
 #include "../attention_common.cuh"
 #include "flux/params.h"
 #include "flux/streaming.h"
+#include "flux/tile_mask_plan.h"
 #include "fwd_config.cuh"
 #include "sync.cuh"
 
@@ -102,8 +103,9 @@ __device__ __forceinline__ void fwd_producer(const FwdArgs<Cfg>& args, typename 
                          int64_t(hk) * p.v_head_stride;
 
   PipeState<Cfg::kStages> pipe;
-  for (int64_t it = walk.count - 1; it >= 0; --it) {
-    const int n = static_cast<int>(walk.tile(it));
+  const int sink_n = static_cast<int>(walk.sink_n), local_0 = static_cast<int>(walk.local_0);
+  for (int it = static_cast<int>(walk.count) - 1; it >= 0; --it) {
+    const int n = it < sink_n ? it : local_0 + (it - sink_n);
     const int64_t j0 = int64_t(n) * kBlockN;
     const bool manual = varlen && j0 + kBlockN > sc.len_k;
 
@@ -178,22 +180,55 @@ struct RowSoftmax {
   }
 };
 
-// Scores of key positions a row must not see become -inf. Only tiles that classify_tile does not
-// call kFull come here (the diagonal tile, window edges, the ragged end of the keys).
+// The keys a thread's two accumulator rows (row_lo and row_lo + 8) see, as absolute key positions:
+// j < key_end and (j < sink_end or j >= local_start), streaming.h's rule (sink_end = local_start = 0
+// when not streaming). Fixed for the whole key loop, so computed once, in 32 bits (a sequence has
+// fewer than 2^31 keys); key_end <= seqlen_k also masks the ragged end of the keys.
+struct RowBounds {
+  int key_end[2];
+  int sink_end[2];
+  int local_start[2];
+
+  __device__ __forceinline__ RowBounds(const RowRule& rule, int64_t row_lo) {
+    CUTE_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = row_lo + 8 * r;
+      key_end[r] = static_cast<int>(row_key_end(rule, row));
+      sink_end[r] = static_cast<int>(row_sink_end(rule, row));
+      local_start[r] = static_cast<int>(row_local_start(rule, row));
+    }
+  }
+};
+
+// Scores of key positions a row must not see become -inf. Only the tiles that the TileMaskPlan
+// marks come here (the diagonal, window and sink edges, the ragged end of the keys).
 template <class Acc>
-__device__ __forceinline__ void mask_tile(Acc& acc, const RowRule& rule, int64_t row_lo, int64_t j0,
-                                          int col0, int span) {
+__device__ __forceinline__ void mask_tile(Acc& acc, const RowBounds& rb, int j0_col0) {
   using namespace cute;
   constexpr int kN = decltype(size(acc))::value;
   CUTE_UNROLL
   for (int r = 0; r < 2; ++r) {
-    const attn::RowTileMask m = attn::row_tile_mask(rule, row_lo + 8 * r, j0, span);
     CUTE_UNROLL
     for (int i = 2 * r; i < kN; i += 4) {
-      const int c = col0 + 8 * (i / 4);
-      if (!m.visible(c)) acc(i) = -INFINITY;
-      if (!m.visible(c + 1)) acc(i + 1) = -INFINITY;
+      CUTE_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int j = j0_col0 + 8 * (i / 4) + e;
+        const bool visible = j < rb.key_end[r] && (j < rb.sink_end[r] || j >= rb.local_start[r]);
+        if (!visible) acc(i + e) = -INFINITY;
+      }
     }
+  }
+}
+
+// Two fp32 values as one 32-bit word of 16-bit elements (the first in the low half).
+template <class Element>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
   }
 }
 
@@ -207,15 +242,7 @@ __device__ __forceinline__ void convert_to_operand(const Acc& acc, Frag& frag) {
   // (tests/cpp/sm90_layouts.cu), so the conversion is element-wise, two at a time.
   uint32_t* out = reinterpret_cast<uint32_t*>(raw_pointer_cast(frag.data()));
   CUTE_UNROLL
-  for (int i = 0; i < kN; i += 2) {
-    if constexpr (std::is_same_v<Element, cutlass::bfloat16_t>) {
-      const __nv_bfloat162 v = __floats2bfloat162_rn(acc(i), acc(i + 1));
-      out[i / 2] = *reinterpret_cast<const uint32_t*>(&v);
-    } else {
-      const __half2 v = __floats2half2_rn(acc(i), acc(i + 1));
-      out[i / 2] = *reinterpret_cast<const uint32_t*>(&v);
-    }
-  }
+  for (int i = 0; i < kN; i += 2) out[i / 2] = pack_pair<Element>(acc(i), acc(i + 1));
 }
 
 template <class Acc>
@@ -262,7 +289,17 @@ __device__ __forceinline__ void fwd_consumer(const FwdArgs<Cfg>& args, typename 
   const int64_t m1w = flux::imin(m0w + 64, sc.len_q);
   const bool has_rows = m0w < sc.len_q;
   const float scale_log2 = p.scale * attn::kLog2e;
-  const int64_t count = walk.count;
+  // The key loop runs on 32-bit tile indices (a sequence has < 2^31 tiles), and which tiles need the
+  // element mask is decided once, here, as two thresholds (streaming.h's TileMaskPlan): classifying
+  // every tile in 64-bit arithmetic cost ~100 instructions per warp and tile and spilled registers.
+  const int count = static_cast<int>(walk.count);
+  const int sink_n = static_cast<int>(walk.sink_n), local_0 = static_cast<int>(walk.local_0);
+  auto tile_of = [&](int it) { return it < sink_n ? it : local_0 + (it - sink_n); };
+  const TileMaskPlan plan64 = tile_mask_plan(sc.rule, m0w, m1w, kBlockN);  // m1w <= m0w: rows past the end
+  const int mask_from = static_cast<int>(plan64.mask_from);
+  const int band_lo = static_cast<int>(plan64.band_lo), band_hi = static_cast<int>(plan64.band_hi);
+  auto needs_mask = [&](int n) { return n >= mask_from || (n >= band_lo && n < band_hi); };
+  const RowBounds bounds(sc.rule, m0w + row_in_wg);
 
   // Pingpong: warpgroup w issues its wgmma batch only after w - 1 has issued its own, so one
   // warpgroup's exp2 runs under the other's matrix products.
@@ -279,14 +316,6 @@ __device__ __forceinline__ void fwd_consumer(const FwdArgs<Cfg>& args, typename 
     if (wg == kNumWG - 1 && count > 0) named_barrier_arrive(int(NamedBarrierId::kScheduler), 2 * kWgThreads);
   }
 
-  // Per tile: does this warpgroup's part need the element mask?
-  auto needs_mask = [&](int64_t j0) {
-    const int64_t j1 = flux::imin(j0 + kBlockN, sc.len_k);
-    if (j0 + kBlockN > sc.len_k) return true;  // ragged end: rows past len_k hold other data
-    if (!has_rows) return false;               // nothing of this warpgroup is ever stored
-    return classify_tile(sc.rule, m0w, m1w, j0, j1) != TileKind::kFull;
-  };
-
   clear(tOrO);
   RowSoftmax sm;
   sm.max[0] = sm.max[1] = -INFINITY;
@@ -298,21 +327,21 @@ __device__ __forceinline__ void fwd_consumer(const FwdArgs<Cfg>& args, typename 
 
   if (count > 0) {
     // First tile: S only, nothing to overlap with.
-    int64_t j0 = walk.tile(count - 1) * kBlockN;
+    int n = tile_of(count - 1);
     mbar_wait(&ss.bar_k_full[pipe.stage], pipe.phase);
     sched_wait();
     wgmma_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, pipe.stage), tSrS);
     sched_pass(count == 1);
     warpgroup_wait<0>();
     mbar_arrive(&ss.bar_k_empty[pipe.stage]);
-    if (needs_mask(j0)) mask_tile(tSrS, sc.rule, m0w + row_in_wg, j0, col0, kBlockN);
+    if (needs_mask(n)) mask_tile(tSrS, bounds, n * kBlockN + col0);
     sm.update<true>(tSrS, scale_log2, alpha);
     convert_to_operand(tSrS, tOrP);
     PipeState<Cfg::kStages> prev = pipe;
     pipe.advance();
 
-    for (int64_t it = count - 2; it >= 0; --it) {
-      j0 = walk.tile(it) * kBlockN;
+    for (int it = count - 2; it >= 0; --it) {
+      n = tile_of(it);
       mbar_wait(&ss.bar_k_full[pipe.stage], pipe.phase);
       sched_wait();
       wgmma_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, pipe.stage), tSrS);
@@ -321,7 +350,7 @@ __device__ __forceinline__ void fwd_consumer(const FwdArgs<Cfg>& args, typename 
       sched_pass(it == 0);
       warpgroup_wait<1>();  // S of this tile is ready; P V of the previous one may still run
       mbar_arrive(&ss.bar_k_empty[pipe.stage]);
-      if (needs_mask(j0)) mask_tile(tSrS, sc.rule, m0w + row_in_wg, j0, col0, kBlockN);
+      if (needs_mask(n)) mask_tile(tSrS, bounds, n * kBlockN + col0);
       sm.update<false>(tSrS, scale_log2, alpha);
       warpgroup_wait<0>();
       mbar_arrive(&ss.bar_v_empty[prev.stage]);
@@ -353,8 +382,12 @@ __device__ __forceinline__ void fwd_consumer(const FwdArgs<Cfg>& args, typename 
   }
   scale_rows(tOrO, inv);
   Tensor tOsO = thr_pv.partition_C(sQw);  // (MMA, 1, 1) view of smem
+  // Elements i, i + 1 are columns 2q, 2q + 1 of one row: adjacent inside a 16-byte chunk, which the
+  // swizzle moves whole, so each pair is one aligned 32-bit store.
   CUTE_UNROLL
-  for (int i = 0; i < size(tOrO); ++i) tOsO(i) = static_cast<Element>(tOrO(i));
+  for (int i = 0; i < size(tOrO); i += 2) {
+    *reinterpret_cast<uint32_t*>(&tOsO(i)) = pack_pair<Element>(tOrO(i), tOrO(i + 1));
+  }
   named_barrier_sync(int(NamedBarrierId::kEpilogue) + wg, kWgThreads);
   if (!has_rows) return;
   constexpr int kChunks = kHeadDim / 8;

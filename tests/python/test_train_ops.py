@@ -82,8 +82,9 @@ def _head_ref(hidden, weight, labels, teacher, lm_w, kl_w):
     return lm_w * ce + kl_w * kl, ce, kl
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["all-rows", "labelled-rows"])
 @pytest.mark.parametrize("kl_w", [0.0, 0.7])
-def test_head_loss_matches_full_logits(device, kl_w):
+def test_head_loss_matches_full_logits(device, kl_w, rows):
     from train.loss import head_loss
 
     dtype = torch.float64 if device == "cpu" else torch.bfloat16
@@ -101,7 +102,10 @@ def test_head_loss_matches_full_logits(device, kl_w):
         (g,) = torch.autograd.grad(loss, x, torch.tensor(dl, dtype=loss.dtype, device=device))
         return loss, ce, kl, g
 
-    ours = run(lambda x, tch: head_loss(head, x, labels, 8, 1.3, kl_w, tch if kl_w else None), dtype)
+    # rows=: only the labelled rows are projected (the trainer's loss_on: answer path); the loss and
+    # the gradient (zero on the unlabelled rows) must not change.
+    idx = torch.nonzero(labels >= 0).squeeze(1) if rows else None
+    ours = run(lambda x, tch: head_loss(head, x, labels, 8, 1.3, kl_w, tch if kl_w else None, rows=idx), dtype)
     ref = run(lambda x, tch: _head_ref(x, head.weight.to(x.dtype), labels, tch if kl_w else None, 1.3, kl_w),
               torch.float64)
     assert ours[2].item() >= 0

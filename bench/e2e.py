@@ -26,8 +26,8 @@ Measured per context length (8K, 32K, 64K, 128K; one random prompt, batch 1):
 Everything is ordered by what the acceptance of issue 10 needs first and runs under a time budget
 (default 320 s from process start, model construction included); what does not fit is listed as
 skipped. Each step catches and reports its own failure and the run continues. Writes
-``bench/results/<name>.json`` and ``<name>.png`` (speedup against context), also into ``--out-dir``
-(default ``$OUT``), and prints a summary table and the acceptance checks at the end.
+``bench/results/<name>.json``, also into ``--out-dir`` (default ``$OUT``), and ``<name>.png``
+(speedup against context) into ``--out-dir`` (``runs/e2e/`` without one), and prints a summary table and the acceptance checks at the end.
 
     python bench/e2e.py [--quick] [--tiny] [--budget-s S] [--no-cuda-graph] [--out-dir DIR]
 
@@ -694,11 +694,11 @@ class Bench:
 
     def write(self) -> None:
         self.speedups()
-        dirs = [self.args.results_dir, self.args.out_dir]
-        for d in dirs:
-            if d:
-                os.makedirs(d, exist_ok=True)
-                self.guarded("plot", self.plot, os.path.join(d, self.args.name + ".png"))
+        # The plot is a generated binary: it goes to --out-dir (or runs/e2e/), never into
+        # bench/results, which holds the text results that are committed.
+        plot_dir = self.args.out_dir or os.path.join(ROOT, "runs", "e2e")
+        os.makedirs(plot_dir, exist_ok=True)
+        self.guarded("plot", self.plot, os.path.join(plot_dir, self.args.name + ".png"))
         accept = self.acceptance()
         text = self.summary(accept)
         payload = {
@@ -718,7 +718,7 @@ class Bench:
             "elapsed_s": time.monotonic() - T0,
             "summary": text,
         }
-        write_results(self.args.name, payload, dirs)
+        write_results(self.args.name, payload, [self.args.results_dir, self.args.out_dir])
 
 
 def _rows(x, batch: int):

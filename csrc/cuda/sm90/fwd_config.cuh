@@ -50,8 +50,9 @@ struct FwdConfig {
   static constexpr bool kPingpong = kPingpong_;
 
   // Register budget per thread after setmaxnreg: the 64K-register file split over the warpgroups
-  // (sum over warpgroups <= 512 per thread slot). The producer's tile walk is 64-bit arithmetic; at 24
-  // registers it spilled ~400 bytes. 2 consumers: 40 + 2 x 232 = 504; 3 consumers: 32 + 3 x 160 = 512.
+  // (sum over warpgroups <= 512 per thread slot). At 24 registers the producer's 64-bit tile walk of
+  // v4 spilled ~400 bytes (its loop is 32-bit since v5; 24 not re-measured). 2 consumers: 40 + 2 x 232
+  // = 504; 3 consumers: 32 + 3 x 160 = 512 (ptxas reports ~500 bytes of spills at hd64).
   static constexpr int kProducerRegs = kNumMmaWarpgroups == 2 ? 40 : 32;
   static constexpr int kConsumerRegs = kNumMmaWarpgroups == 2 ? 232 : 160;
 

@@ -27,7 +27,8 @@ Everything is ordered by what the acceptance of issue 10 needs first and runs un
 (default 320 s from process start, model construction included); what does not fit is listed as
 skipped. Each step catches and reports its own failure and the run continues. Writes
 ``bench/results/<name>.json``, also into ``--out-dir`` (default ``$OUT``), and ``<name>.png``
-(speedup against context) into ``--out-dir`` (``runs/e2e/`` without one), and prints a summary table and the acceptance checks at the end.
+(speedup against context) into ``--out-dir`` (``runs/e2e/`` without one), and prints a summary
+table and the acceptance checks at the end.
 
     python bench/e2e.py [--quick] [--tiny] [--budget-s S] [--no-cuda-graph] [--out-dir DIR]
 

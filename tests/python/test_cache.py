@@ -67,6 +67,52 @@ def test_page_range_arithmetic():
     assert layer._mapped(100, False) == [(0, 7)]
 
 
+def test_prefill_append_paths_store_the_same_rows():
+    """append_varlen writes a prompt into fresh (ascending, consecutive) pages with one copy per
+    sequence, and anything else (pages handed out in another order) through per-row indices:
+    both must put every row where the block table says."""
+    torch.manual_seed(0)
+    hkv, d, ps = 2, 8, 16
+    layer = FluxCacheLayer()
+    layer.lazy_initialization(torch.zeros(1), torch.zeros(1))
+    layer.start(3, torch.zeros(3, dtype=torch.bool), block_size=ps, sink_tokens=ps, local_blocks=2,
+                num_heads_k=hkv, head_dim=d)
+    per_row = []
+    general = layer.write
+    layer.write = lambda *a: (per_row.append(1), general(*a))
+
+    def append(counts):
+        k, v = torch.randn(sum(counts), hkv, d), torch.randn(sum(counts), hkv, d)
+        layer.append_varlen(k, v, torch.tensor([0] + counts).cumsum(0).to(torch.int32), counts)
+        return list(torch.split(k, counts)), list(torch.split(v, counts))
+
+    def check(parts):
+        for b in range(3):
+            ks = torch.cat([p[0][b] for p in parts])
+            vs = torch.cat([p[1][b] for p in parts])
+            pos = torch.arange(ks.shape[0])
+            pages = layer.block_table_host[b, pos // ps].to(torch.int64)
+            assert torch.equal(layer.k_pages[pages, pos % ps], ks)
+            assert torch.equal(layer.v_pages[pages, pos % ps], vs)
+
+    first = append([37, 16, 70])  # fresh pages: the copy path
+    assert not per_row
+    for b, n in enumerate([37, 16, 70]):
+        pages = layer.block_table_host[b, :(n + ps - 1) // ps]
+        assert bool((pages[1:] - pages[:-1] == 1).all()), "a prompt's pages are one ascending run"
+    check([first])
+    second = append([5, 16, 3])  # into partly filled pages (and one new page): still copies
+    assert not per_row
+    check([first, second])
+    # Spare pages handed out in descending order: runs are not ascending, the per-row path.
+    layer._grow(12, exact=True)
+    layer._free[:layer._n_free] = layer._free[:layer._n_free].flip(0)
+    third = append([5, 40, 20])
+    assert per_row == [1]
+    check([first, second, third])
+    assert [int(x) for x in layer.cache_seqlens] == [47, 72, 93]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_sa_generation_holds_sink_plus_window_and_equals_sparse_attention(arch, device):
     """Forced SA with small blocks: after every step each layer holds at most sink + window

@@ -151,7 +151,9 @@ def load_router(model: nn.Module, path: str, *, config: Optional[RouterConfig] =
             problems.append(f"checkpoint has router weights for layer {layer}, the model has no "
                             f"routed layer {layer} (routed: {sorted(found)})")
             continue
-        own = dict(router.named_parameters())
+        # Parameters and the input normalisation buffers (absent from reference checkpoints:
+        # they then stay the identity).
+        own = {**dict(router.named_parameters()), **dict(router.named_buffers())}
         for part, tensor in sorted(parts.items()):
             if part not in own:
                 problems.append(f"layer {layer}: unknown router tensor '{part}'")

@@ -135,6 +135,7 @@ def spread_layers(num_layers: int, fraction: float) -> FrozenSet[int]:
 class LayerRouter(nn.Module):
     """Router of one attention layer (592,002 parameters at head_dim 128).
 
+    ``(pooled - feature_shift) / feature_scale`` (buffers; identity unless calibrated) feeds
     ``cls_feat_extractor``: Linear(d, 8d), SiLU, Linear(8d, 2d);
     ``cls_router_head_agnostic``: Linear(2d, 4d), SiLU, Linear(4d, d), SiLU, Linear(d, 2).
 
@@ -160,6 +161,11 @@ class LayerRouter(nn.Module):
             nn.Linear(2 * d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d), nn.SiLU(), nn.Linear(d, 2))
         # Training temperature; the trainer sets it each step from RouterConfig.temperature.
         self.tau = float(self.config.tau_max)
+        # Input normalisation (x - shift) / scale, identity unless calibrated (calibrate_routers).
+        # Pooled queries of different prompts agree to ~99.5 % in cosine (they share the model's
+        # mean query direction); standardised, their task-dependent part becomes O(1).
+        self.register_buffer("feature_shift", torch.zeros(d))
+        self.register_buffer("feature_scale", torch.ones(d))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -170,6 +176,23 @@ class LayerRouter(nn.Module):
         last = self.cls_router_head_agnostic[-1]
         last.weight.zero_()
         last.bias.copy_(torch.tensor([0.0, FA_BIAS]))
+        self.feature_shift.zero_()
+        self.feature_scale.fill_(1.0)
+
+    @torch.no_grad()
+    def set_feature_normalization(self, shift: Tensor, scale: Tensor) -> None:
+        """Standardise the pooled input as ``(pooled - shift) / scale`` (both ``[head_dim]``,
+        ``scale > 0``) before the MLP; :func:`~flux_attention.calibrate_routers` sets them from
+        the mean and spread of the pooled queries on training inputs."""
+        d = self.head_dim
+        if tuple(shift.shape) != (d,) or tuple(scale.shape) != (d,):
+            raise ValueError(f"LayerRouter.set_feature_normalization: shift and scale must be "
+                             f"[{d}]; got {tuple(shift.shape)} and {tuple(scale.shape)}")
+        if not bool(torch.isfinite(shift).all()) or not bool((scale > 0).all() & torch.isfinite(scale).all()):
+            raise ValueError("LayerRouter.set_feature_normalization: shift must be finite and scale "
+                             "finite and > 0")
+        self.feature_shift.copy_(shift)
+        self.feature_scale.copy_(scale)
 
     def pool(self, q_pre_rope: Tensor, attention_mask: Optional[Tensor] = None,
              cu_seqlens: Optional[Tensor] = None) -> Tensor:
@@ -181,7 +204,8 @@ class LayerRouter(nn.Module):
     def forward(self, pooled: Tensor) -> Tensor:
         """``pooled [B, d]`` -> logits ``[B, 2]`` in the router's dtype (index 1 = FA)."""
         w = self.cls_feat_extractor[0].weight
-        return self.cls_router_head_agnostic(self.cls_feat_extractor(pooled.to(w.dtype)))
+        x = (pooled.to(self.feature_shift.dtype) - self.feature_shift) / self.feature_scale
+        return self.cls_router_head_agnostic(self.cls_feat_extractor(x.to(w.dtype)))
 
     def gate(self, logits: Tensor) -> Tensor:
         """``z [B]``, 1 = FA: a straight-through Gumbel sample at ``self.tau`` in training mode

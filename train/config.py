@@ -121,6 +121,11 @@ class TrainConfig:
     deterministic: bool = False
     """``torch.use_deterministic_algorithms(True)``: bitwise-repeatable GPU steps (the CPU path
     is deterministic either way), at some speed cost."""
+    calibrate_packs: int = 4
+    """Packs per rank whose pooled router inputs set each router's input normalisation before
+    step 1 (``flux_attention.calibrate_routers``; forward only, the training stream is not
+    consumed); 0 keeps the reference's raw inputs. Not repeated on resume (the checkpoint holds
+    the statistics)."""
 
 
 @dataclasses.dataclass
@@ -273,6 +278,7 @@ def _check(cfg: JobConfig, source: str) -> None:
     need(cfg.train.grad_accum > 0, "train.grad_accum", "must be positive")
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
     need(cfg.train.threads >= 0, "train.threads", "must be >= 0")
+    need(cfg.train.calibrate_packs >= 0, "train.calibrate_packs", "must be >= 0")
     need(cfg.checkpoint.interval > 0, "checkpoint.interval", "must be positive")
     need(cfg.checkpoint.keep_latest >= 0, "checkpoint.keep_latest", "must be >= 0")
     need(cfg.metrics.log_every > 0, "metrics.log_every", "must be positive")

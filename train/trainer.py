@@ -99,9 +99,32 @@ class Trainer:
                 self.resumed_from = state["path"]
                 if w.main:
                     print(f"resumed from {state['path']} at step {self.step}", flush=True)
+        if self.resumed_from is None and cfg.train.calibrate_packs:
+            self._calibrate(cfg.train.calibrate_packs)
         self.metrics = MetricsLogger(cfg.metrics, w.main, cfg.train.steps, self.step)
         self._sigterm = False
         self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _calibrate(self, packs: int) -> None:
+        """Routers' input normalisation from the pooled queries of ``packs`` packs per rank, read
+        from a second packer over the same stream (the training stream is not consumed)."""
+        cfg, w = self.cfg, self.world
+        packer = Packer(record_source(cfg.data), self.tok, cfg.data, w.dp_rank, w.dp, multiple=w.cp)
+        start = time.perf_counter()
+
+        def run():
+            for _ in range(packs):
+                pack = packer.next_pack()
+                local = (local_shard(pack, w.cp_rank, w.cp) if w.cp > 1 else pack).to(w.device)
+                self._forward(local, local.cu_seqlens)
+
+        # The calibration forwards draw Gumbel noise: from a forked generator, so the training
+        # stream's randomness is that of a run without calibration.
+        with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+            fa.calibrate_routers(self.model, run, reduce=lambda t: all_reduce_sum(t, w))
+        if w.main:
+            print(f"routers: input normalisation calibrated on {packs} pack(s) per rank "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)
 
     def _on_sigterm(self, signum, frame):
         self._sigterm = True

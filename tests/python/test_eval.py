@@ -270,7 +270,7 @@ def test_demo_end_to_end_on_the_tiny_config_stops_at_its_time_budget(tmp_path, c
     steps = int(re.search(r"after (\d+) of", printed).group(1))
     assert any(p.name == f"step-{steps:08d}" for p in (run / "checkpoint").iterdir())
     base = tiny()
-    assert fa.load_router(base, str(run / "router.safetensors")).loaded == 20
+    assert fa.load_router(base, str(run / "router.safetensors")).loaded == 24
     assert demo(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--tasks", "riddles"]) == 2
     assert "unknown synthetic task" in capsys.readouterr().err
     assert demo(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--modes", "fa", "half"]) == 2

@@ -134,6 +134,10 @@ def _decisions(model, ids, mask):
 
 def test_save_load_round_trip(tmp_path):
     ref, model, ids, mask = _mixed_model()
+    g = torch.Generator().manual_seed(3)
+    for r in hf.routers(model).values():  # a calibrated input normalisation travels too
+        r.set_feature_normalization(1e-3 * torch.randn(r.head_dim, generator=g),
+                                    1 + 1e-3 * torch.rand(r.head_dim, generator=g))
     want = _decisions(model, ids, mask)
     assert want.any() and not want.all()
     path = tmp_path / "router.safetensors"
@@ -142,13 +146,15 @@ def test_save_load_round_trip(tmp_path):
     fresh = tiny_model("llama")
     fresh.load_state_dict(ref.state_dict())
     result = fa.load_router(fresh, str(path))  # attaches with the stored config
-    assert result.loaded == 20 and result.skipped == [] and result.ignored == 0
+    assert result.loaded == 24 and result.skipped == [] and result.ignored == 0  # 2 x (10 + 2)
     assert result.config == hf.routers(model)[0].config
     assert hf.routers(fresh)[0].config == result.config
     for (i, a), (j, b) in zip(hf.routers(model).items(), hf.routers(fresh).items()):
         assert i == j
-        for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        for (na, pa), (nb, pb) in zip(list(a.named_parameters()) + list(a.named_buffers()),
+                                      list(b.named_parameters()) + list(b.named_buffers())):
             assert na == nb and torch.equal(pa, pb)
+        assert not torch.equal(b.feature_scale, torch.ones_like(b.feature_scale))
     assert torch.equal(_decisions(fresh, ids, mask), want)
 
 
@@ -206,7 +212,7 @@ def test_checkpoint_loads_across_model_prefixes(tmp_path):
     fa.save_router(model, str(path))
     base = tiny_model("llama").model
     result = fa.load_router(base, str(path))
-    assert result.loaded == 20
+    assert result.loaded == 24  # 2 layers x (10 parameters + 2 normalisation buffers)
     assert torch.equal(hf.routers(base)[1].cls_router_head_agnostic[4].bias,
                        hf.routers(model)[1].cls_router_head_agnostic[4].bias)
     assert isinstance(model, LlamaForCausalLM)
@@ -233,7 +239,7 @@ def test_checkpoint_errors(tmp_path):
     target = tiny_model("llama")
     with pytest.raises(ValueError, match=r"layer 0: missing cls_router_head_agnostic\.4\.bias"):
         fa.load_router(target, str(tmp_path / "partial.safetensors"))
-    assert fa.load_router(target, str(tmp_path / "partial.safetensors"), strict=False).loaded == 19
+    assert fa.load_router(target, str(tmp_path / "partial.safetensors"), strict=False).loaded == 23
     with pytest.raises(FileNotFoundError):
         fa.load_router(target, str(tmp_path / "nope.safetensors"))
     with pytest.raises(ValueError, match="no routers"):
@@ -273,3 +279,40 @@ def test_spread_layers_forces_exactly_those_layers():
 def test_spread_layers_rejects_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         fa.router.spread_layers(*args)
+
+
+def test_calibrate_routers_standardises_the_pooled_queries():
+    """shift / scale = mean / std of each router's pooled input over the calibration inputs; the
+    router then feeds the MLP (pooled - shift) / scale."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    fa.attach_router(model, fa.RouterConfig(pool_size=8, block_size=16, sink_tokens=16, local_blocks=2))
+    model.eval()
+    seen = {i: [] for i in hf.routers(model)}
+    for i, r in hf.routers(model).items():
+        r.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].detach().double()))
+    batches = [torch.randint(3, 250, (3, 40)), torch.randint(3, 250, (2, 40))]
+
+    def run():
+        for ids in batches:
+            model(ids, use_cache=False)
+
+    got = fa.calibrate_routers(model, run)
+    for i, r in hf.routers(model).items():
+        x = torch.cat(seen[i])
+        assert x.shape[0] == 5
+        assert torch.allclose(got[i][0].double(), x.mean(0), atol=1e-6)
+        assert torch.allclose(got[i][1].double(), x.std(0, unbiased=False), rtol=1e-4, atol=1e-7)
+        pooled = x[:2].float()
+        z = (pooled - r.feature_shift) / r.feature_scale
+        assert torch.allclose(r(pooled), r.cls_router_head_agnostic(r.cls_feat_extractor(z)))
+        assert float(z.abs().max()) < 10  # standardised: O(1), where raw inputs differ by ~1 %
+
+    with pytest.raises(ValueError, match="no routers"):
+        fa.calibrate_routers(tiny_model("llama"), run)
+    forced = tiny_model("llama")
+    fa.attach_router(forced, fa.RouterConfig(force="fa", block_size=16, sink_tokens=16, local_blocks=2))
+    with pytest.raises(RuntimeError, match="did not reach the routers"):
+        fa.calibrate_routers(forced, lambda: forced(batches[0], use_cache=False))
+    with pytest.raises(ValueError, match="scale finite and > 0"):
+        hf.routers(model)[0].set_feature_normalization(torch.zeros(16), torch.zeros(16))

@@ -224,6 +224,11 @@ def test_one_step_trains_only_the_routers(tmp_path):
         lambdas = [p.detach().clone() for p in trainer.mult.parameters()]
         assert all(not p.requires_grad for n, p in model.named_parameters() if n in base)
         assert all(r.training for r in hf.routers(model).values())
+        # Calibrated before step 1: every router standardises its inputs (not the identity).
+        for r in hf.routers(model).values():
+            assert not torch.equal(r.feature_shift, torch.zeros_like(r.feature_shift))
+            assert bool((r.feature_scale > 0).all()) and not torch.equal(r.feature_scale, torch.ones_like(r.feature_scale))
+        assert trainer.packer.state_dict() == Packer(record_source(cfg.data), trainer.tok, cfg.data, 0, 1).state_dict()
         for _ in range(2):
             trainer.step += 1
             record = trainer.train_step()

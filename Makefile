@@ -70,7 +70,10 @@ demo: $(STAMP)
 	  echo "make demo: no GPU here, building the CPU kernels only"; \
 	  env MAX_JOBS=$(MAX_JOBS) FLUX_CUDA=0 $(PY) setup.py -q build_ext --inplace; \
 	fi
-	$(PY) -m flux_attention.eval.demo --config configs/smollm2_demo.yaml --out runs/demo
+	@# Sized for ~15 minutes from a fresh clone on 2 CPU cores (docs/demo.md): 2 examples per task,
+	@# all-FA and Flux, greedy answers + 8 tokens, the speed sweep at 1K and 2K tokens.
+	$(PY) -m flux_attention.eval.demo --config configs/smollm2_demo.yaml --out runs/demo \
+	  --samples 2 --modes fa flux --gen-slack 8 --speed-lengths 1024 2048 --max-train-s 240
 
 clean:
 	rm -rf build flux_attention/_C*.so

@@ -174,6 +174,7 @@ def _verdict(summary: dict) -> str:
                      "tolerate sparse attention, not input-dependent decisions.")
     elif both:
         lines.append("Holistic inputs get more sparse layers than retrieval-heavy ones." if hol > ret + 0.05
+                     else "Holistic inputs get fewer sparse layers than retrieval-heavy ones." if hol < ret - 0.05
                      else "Holistic and retrieval-heavy inputs get about as many sparse layers (within 5 "
                           "points).")
     accs = ", ".join(f"{name} {pct(o[m]['token_acc'])}" for m, name in named)

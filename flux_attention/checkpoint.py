@@ -166,6 +166,12 @@ def load_router(model: nn.Module, path: str, *, config: Optional[RouterConfig] =
                 own[part].copy_(tensor.to(dtype=own[part].dtype, device=own[part].device))
             loaded += 1
     for layer, router in found.items():
+        if layer in picked and "feature_shift" not in picked[layer]:
+            # A checkpoint without input normalisation (the reference's) was trained on raw pooled
+            # queries: whatever an earlier calibration left in the buffers must not apply to it.
+            with torch.no_grad():
+                router.feature_shift.zero_()
+                router.feature_scale.fill_(1.0)
         names = {n for n, _ in router.named_parameters()}
         missing = sorted(names - set(picked.get(layer, {})))
         if missing:

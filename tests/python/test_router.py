@@ -194,8 +194,13 @@ def test_reference_format_checkpoint_loads(tmp_path):
     fresh = tiny_model("llama")
     fresh.load_state_dict(ref.state_dict())
     fa.attach_router(fresh, fa.RouterConfig(block_size=16, sink_tokens=16, local_blocks=2))
+    for r in hf.routers(fresh).values():  # left over from a calibration: must not survive the load
+        r.set_feature_normalization(torch.full((r.head_dim,), 0.5), torch.full((r.head_dim,), 3.0))
     result = fa.load_router(fresh, str(shard))
     assert result.loaded == 20
+    for r in hf.routers(fresh).values():
+        assert torch.equal(r.feature_shift, torch.zeros(r.head_dim))
+        assert torch.equal(r.feature_scale, torch.ones(r.head_dim))
     assert sorted(result.skipped) == sorted(["model.sparsity_lambda1_task", "model.sparsity_lambda2_task",
                                              "model.layers.0.self_attn.mask_allocator.log_temp",
                                              "model.layers.1.self_attn.mask_allocator.log_temp"])

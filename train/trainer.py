@@ -121,7 +121,11 @@ class Trainer:
         # The calibration forwards draw Gumbel noise: from a forked generator, so the training
         # stream's randomness is that of a run without calibration.
         with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
-            fa.calibrate_routers(self.model, run, reduce=lambda t: all_reduce_sum(t, w))
+            try:
+                fa.calibrate_routers(self.model, run, reduce=lambda t: all_reduce_sum(t, w))
+            except ValueError as e:
+                raise ValueError(f"train.calibrate_packs={packs}: {e}; raise train.calibrate_packs "
+                                 "or set it to 0 (no input normalisation)") from e
         if w.main:
             print(f"routers: input normalisation calibrated on {packs} pack(s) per rank "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)

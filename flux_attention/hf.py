@@ -633,11 +633,17 @@ def calibrate_routers(model: nn.Module, run, reduce=None) -> Dict[int, Tuple[Ten
             training: every rank then sets the same statistics).
 
     Returns:
-        ``{layer: (shift, scale)}`` as set.
+        ``{layer: (shift, scale)}`` as set; layers whose branch the RouterConfig forces (``force``,
+        ``force_sparse_layers``) are left as they are and not listed.
     """
     found = routers(model)
     if not found:
         raise ValueError("calibrate_routers: the model has no routers (attach_router first)")
+    # Layers whose branch the config fixes (force, force_sparse_layers) never pool: nothing to set.
+    found = {i: r for i, r in found.items()
+             if r.config.force is None and i not in r.config.force_sparse_layers}
+    if not found:
+        return {}
     stats: Dict[int, List[Tensor]] = {}
 
     def hook(layer):
@@ -658,7 +664,7 @@ def calibrate_routers(model: nn.Module, run, reduce=None) -> Dict[int, Tuple[Ten
     missing = sorted(set(found) - set(stats))
     if missing:
         raise RuntimeError(f"calibrate_routers: run() did not reach the routers of layers {missing} "
-                           "(forced routing or a cached decode do not pool)")
+                           "(a forward without pre-RoPE queries to pool, e.g. a cached decode step)")
     out = {}
     for layer, router in found.items():
         total, squares, count = stats[layer]

@@ -426,6 +426,7 @@ def test_state_dict_names_match_reference():
         p = f"model.layers.{i}.self_attn.mask_allocator."
         want += [p + f"cls_feat_extractor.{j}.{w}" for j in (0, 2) for w in ("weight", "bias")]
         want += [p + f"cls_router_head_agnostic.{j}.{w}" for j in (0, 2, 4) for w in ("weight", "bias")]
+        want += [p + "feature_shift", p + "feature_scale"]  # ours: the input standardisation
     assert sorted(names) == sorted(want)
 
 

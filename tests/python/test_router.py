@@ -315,9 +315,16 @@ def test_calibrate_routers_standardises_the_pooled_queries():
 
     with pytest.raises(ValueError, match="no routers"):
         fa.calibrate_routers(tiny_model("llama"), run)
+    with pytest.raises(RuntimeError, match="did not reach the routers"):
+        fa.calibrate_routers(model, lambda: None)
+    # Layers whose branch the config fixes never pool: left as they are.
     forced = tiny_model("llama")
     fa.attach_router(forced, fa.RouterConfig(force="fa", block_size=16, sink_tokens=16, local_blocks=2))
-    with pytest.raises(RuntimeError, match="did not reach the routers"):
-        fa.calibrate_routers(forced, lambda: forced(batches[0], use_cache=False))
+    assert fa.calibrate_routers(forced, lambda: forced(batches[0], use_cache=False)) == {}
+    some = tiny_model("llama")
+    fa.attach_router(some, fa.RouterConfig(force_sparse_layers={1}, block_size=16, sink_tokens=16,
+                                           local_blocks=2))
+    assert sorted(fa.calibrate_routers(some, lambda: some(batches[0], use_cache=False))) == [0]
+    assert torch.equal(hf.routers(some)[1].feature_scale, torch.ones(hf.routers(some)[1].head_dim))
     with pytest.raises(ValueError, match="scale finite and > 0"):
         hf.routers(model)[0].set_feature_normalization(torch.zeros(16), torch.zeros(16))

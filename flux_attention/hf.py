@@ -665,14 +665,16 @@ def calibrate_routers(model: nn.Module, run, reduce=None) -> Dict[int, Tuple[Ten
     if missing:
         raise RuntimeError(f"calibrate_routers: run() did not reach the routers of layers {missing} "
                            "(a forward without pre-RoPE queries to pool, e.g. a cached decode step)")
+    layers = sorted(found)
+    # One [layers, 2d + 1] tensor of (sum, sum of squares, count): a single reduction over ranks.
+    packed = torch.stack([torch.cat([stats[i][0], stats[i][1], stats[i][2].reshape(1)]) for i in layers])
+    if reduce is not None:
+        reduce(packed)
     out = {}
-    for layer, router in found.items():
-        total, squares, count = stats[layer]
-        packed = torch.cat([total, squares, count.reshape(1)])
-        if reduce is not None:
-            reduce(packed)
-        d = total.numel()
-        total, squares, count = packed[:d], packed[d:2 * d], packed[2 * d]
+    for layer, row in zip(layers, packed):
+        router = found[layer]
+        d = router.head_dim
+        total, squares, count = row[:d], row[d:2 * d], row[2 * d]
         if count < 2:
             raise ValueError(f"calibrate_routers: layer {layer} saw {int(count)} sequence(s); "
                              "calibrating needs at least 2")

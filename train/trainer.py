@@ -114,8 +114,7 @@ class Trainer:
 
         def run():
             for _ in range(packs):
-                pack = packer.next_pack()
-                local = (local_shard(pack, w.cp_rank, w.cp) if w.cp > 1 else pack).to(w.device)
+                local = self._shard(packer.next_pack()).to(w.device)
                 self._forward(local, local.cu_seqlens)
 
         # The calibration forwards draw Gumbel noise: from a forked generator, so the training
@@ -187,6 +186,11 @@ class Trainer:
         flag = torch.tensor([float(self._sigterm)], device=self.world.device)
         return bool(all_reduce_sum(flag, self.world).item() > 0)
 
+    def _shard(self, pack: Pack) -> Pack:
+        """This rank's share of ``pack`` (host): its context-parallel slice, or the whole pack."""
+        w = self.world
+        return local_shard(pack, w.cp_rank, w.cp) if w.cp > 1 else pack
+
     def _forward(self, pack: Pack, device_cu: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``[t, H]`` of this rank's tokens of ``pack``."""
         # cu_seq_lens_k is left out: it equals cu_seq_lens_q, and checking that would sync.
@@ -198,7 +202,7 @@ class Trainer:
         """Forward and backward of one pack (this rank's share of it)."""
         cfg, w = self.cfg, self.world
         share = 1.0 / w.cp  # each rank of a context-parallel group holds 1/cp of the pack
-        host = local_shard(pack, w.cp_rank, w.cp) if w.cp > 1 else pack
+        host = self._shard(pack)
         # The labelled rows, found on the host (no device sync): when they are few (loss on the
         # answers only) the vocabulary projection runs on them alone.
         rows = torch.nonzero(host.labels >= 0).squeeze(1)

@@ -7,7 +7,11 @@ heads, intermediate 14336, vocab 128256; random weights, bf16; no download). Con
 - ``sdpa``: ``attn_implementation="sdpa"`` with its DynamicCache (transformers' default), the anchor;
 - ``flux_fa``: flux attention, every layer full attention (FA), FluxCache;
 - ``flux_saNN``: flux attention with NN % of the layers forced to sparse attention (SA: sink 128 +
-  16 local blocks of 128), evenly spaced (``RouterConfig(force="fa", force_sparse_layers=...)``).
+  16 local blocks of 128), evenly spaced (``RouterConfig(force="fa", force_sparse_layers=...)``);
+- with ``--fused-ops``: the flux configurations also run transformers' RMSNorm, SiLU * up and
+  rotary embedding through ``flux_attention.fuse_ops``, and ``sdpa_fused`` (sdpa with the same
+  fused ops) joins as a second anchor, so that the table separates what routing gains from what the
+  fused ops gain. Speedups stay against plain ``sdpa``.
 
 Measured per context length (8K, 32K, 64K, 128K; one random prompt, batch 1):
 
@@ -30,7 +34,7 @@ skipped. Each step catches and reports its own failure and the run continues. Wr
 (speedup against context) into ``--out-dir`` (``runs/e2e/`` without one), and prints a summary
 table and the acceptance checks at the end.
 
-    python bench/e2e.py [--quick] [--tiny] [--budget-s S] [--no-cuda-graph] [--out-dir DIR]
+    python bench/e2e.py [--quick] [--tiny] [--fused-ops] [--budget-s S] [--no-cuda-graph] [--out-dir DIR]
 
 ``--tiny`` runs the same pipeline on a tiny Llama config (CPU by default, fp32) for tests and CI.
 """
@@ -79,13 +83,17 @@ TINY_PATTERN = dict(sink_tokens=16, local_blocks=2, block_size=16)
 
 SA_FRACTION = {"flux_fa": 0.0, "flux_sa25": 0.25, "flux_sa50": 0.5, "flux_sa75": 0.75,
                "flux_sa90": 0.9, "flux_sa100": 1.0}
-CONFIGS = ["sdpa"] + list(SA_FRACTION)
+CONFIGS = ["sdpa", "sdpa_fused"] + list(SA_FRACTION)
 ACCEPTANCE_CONFIGS = ["sdpa", "flux_fa", "flux_sa75", "flux_sa90", "flux_sa100"]
 LARGEST_CONFIGS = ["sdpa", "flux_sa75"]
 K = 1024
 WARM_STEPS = 2  # eager decode steps before timing (a graph loop warms up inside start())
 RESERVE_S = 12.0  # budget kept for the summary, JSON and plot
 GiB = 1 << 30
+
+
+def is_sdpa(config: str) -> bool:
+    return config.startswith("sdpa")
 
 
 def ctx(length: int) -> str:
@@ -203,22 +211,25 @@ class Bench:
             f"{self.dtype}, {self.device}, cache keyword '{self.cache_kw}'")
 
     def sa_layers(self, config: str) -> List[int]:
-        return [] if config == "sdpa" else sorted(spread_layers(self.shape.layers, SA_FRACTION[config]))
+        return [] if is_sdpa(config) else sorted(spread_layers(self.shape.layers, SA_FRACTION[config]))
 
     def use(self, config: str) -> None:
         if self.current == config:
             return
         hf.detach_router(self.model)
-        if config == "sdpa":
+        fa.unfuse_ops(self.model)
+        if is_sdpa(config):
             self.model.set_attn_implementation("sdpa")
         else:
             fa.attach_router(self.model, fa.RouterConfig(
                 force="fa", force_sparse_layers=self.sa_layers(config), **self.pattern))
             self.model.eval()
+        if config == "sdpa_fused" or (self.args.fused_ops and not is_sdpa(config)):
+            fa.fuse_ops(self.model)
         self.current = config
 
     def new_cache(self, config: str, reserve: int):
-        if config == "sdpa":
+        if is_sdpa(config):
             from transformers import DynamicCache
 
             return DynamicCache(config=self.model.config)
@@ -267,7 +278,7 @@ class Bench:
         return (10.0 * floor + 30.0) / 1e3
 
     def modes(self, config: str) -> List[str]:
-        graph = (self.args.cuda_graph and self.device.type == "cuda" and config != "sdpa"
+        graph = (self.args.cuda_graph and self.device.type == "cuda" and not is_sdpa(config)
                  and self.graph_error is None)
         return ["eager", "graph"] if graph else ["eager"]
 
@@ -284,7 +295,7 @@ class Bench:
         q = torch.randn(length, hq, d, device=self.device, dtype=self.dtype)
         k = torch.randn(length, hkv, d, device=self.device, dtype=self.dtype)
         with torch.no_grad():
-            if config == "sdpa":  # the layout transformers hands SDPA: [1, H, S, D]
+            if is_sdpa(config):  # the layout transformers hands SDPA: [1, H, S, D]
                 qs = torch.randn(1, hq, length, d, device=self.device, dtype=self.dtype)
                 ks = torch.randn(1, hkv, length, d, device=self.device, dtype=self.dtype)
                 torch.nn.functional.scaled_dot_product_attention(qs, ks, ks, is_causal=True, enable_gqa=True)
@@ -549,8 +560,9 @@ class Bench:
 
     def speedups(self) -> None:
         for (c, L), r in self.prefill.items():
-            base = self.prefill.get(("sdpa", L))
+            base, fused = self.prefill.get(("sdpa", L)), self.prefill.get(("sdpa_fused", L))
             r["speedup_vs_sdpa"] = base["ms"] / r["ms"] if base else None
+            r["speedup_vs_sdpa_fused"] = fused["ms"] / r["ms"] if fused else None
             r["floor_speedup_vs_sdpa"] = base["ms"] / r["floor_ms"] if base else None
         for (c, L, B, mode), r in self.decode.items():
             base = self.decode.get(("sdpa", L, B, "eager"))
@@ -618,12 +630,16 @@ class Bench:
                 lines.append(print_table(headers, rows))
 
         fmt = lambda x, f="{:.2f}": "-" if x is None else f.format(x)  # noqa: E731
-        rows = [[f"{ctx(L)}" if L >= K else L, c, fmt(r["ms"], "{:.1f}"), fmt(r.get("speedup_vs_sdpa")),
-                 fmt(r["floor_ms"], "{:.1f}"), fmt(100 * r["fraction_of_floor"], "{:.0f}"),
-                 fmt(r.get("floor_speedup_vs_sdpa")), fmt(r["kv_bytes_per_sequence"] / 1e6, "{:.1f}")]
+        fused = any(c == "sdpa_fused" for c, _ in self.prefill)
+        rows = [[f"{ctx(L)}" if L >= K else L, c + (" +fused" if self.args.fused_ops and not is_sdpa(c) else ""),
+                 fmt(r["ms"], "{:.1f}"), fmt(r.get("speedup_vs_sdpa"))]
+                + ([fmt(r.get("speedup_vs_sdpa_fused"))] if fused else [])
+                + [fmt(r["floor_ms"], "{:.1f}"), fmt(100 * r["fraction_of_floor"], "{:.0f}"),
+                   fmt(r.get("floor_speedup_vs_sdpa")), fmt(r["kv_bytes_per_sequence"] / 1e6, "{:.1f}")]
                 for (c, L), r in sorted(self.prefill.items(), key=lambda t: (t[0][1], CONFIGS.index(t[0][0])))]
         table("Prefill (logits_to_keep=1, batch 1); speedup = sdpa ms / ms; floor: bench/e2e_floor.py",
-              ["ctx", "config", "ms", "speedup", "floor ms", "% floor", "floor speedup", "KV MB/seq"], rows)
+              ["ctx", "config", "ms", "speedup"] + (["vs sdpa_fused"] if fused else [])
+              + ["floor ms", "% floor", "floor speedup", "KV MB/seq"], rows)
         rows = [[f"{ctx(L)}" if L >= K else L, c, B, m, fmt(r["ms_per_step"]), fmt(r["tokens_per_s"], "{:.1f}"),
                  fmt(r.get("speedup_vs_sdpa")), fmt(r["floor_ms"]), fmt(100 * r["fraction_of_floor"], "{:.0f}"),
                  fmt(r["cache_bytes"] / 1e9, "{:.2f}")]
@@ -660,7 +676,7 @@ class Bench:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         lengths = sorted({L for (_, L) in self.prefill})
         colors = plt.get_cmap("viridis")
-        flux = [c for c in CONFIGS if c != "sdpa"]
+        flux = [c for c in CONFIGS if not is_sdpa(c)]
         for i, c in enumerate(flux):
             color = colors(i / max(1, len(flux) - 1))
             pts = [(L, self.prefill[(c, L)]) for L in lengths if (c, L) in self.prefill
@@ -749,6 +765,8 @@ def parse(argv=None):
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     ap.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per measurement")
     ap.add_argument("--no-largest", action="store_true", help="skip the largest-batch search")
+    ap.add_argument("--fused-ops", action="store_true", help="flux configs also use flux_attention.fuse_ops "
+                    "(fused RMSNorm, SiLU * up, rotary embedding); adds the sdpa_fused anchor")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="also decode by replaying a CUDA graph of the step (flux configs, CUDA)")
     ap.add_argument("--attn-tflops", type=float, default=650.0, help="attention rate of the floor")
@@ -766,7 +784,10 @@ def parse(argv=None):
         args.lengths = ([64, 128, 256] if args.tiny else
                         [8 * K, 32 * K] if args.quick else [8 * K, 32 * K, 64 * K, 128 * K])
     if args.configs is None:
-        args.configs = ["sdpa", "flux_fa", "flux_sa75", "flux_sa100"] if args.quick else list(CONFIGS)
+        args.configs = ["sdpa", "flux_fa", "flux_sa75", "flux_sa100"] if args.quick else [
+            c for c in CONFIGS if c != "sdpa_fused"]
+        if args.fused_ops:
+            args.configs.insert(1, "sdpa_fused")
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         ap.error(f"--configs: unknown {unknown}; known: {CONFIGS}")
@@ -779,7 +800,8 @@ def parse(argv=None):
     if args.quick:
         args.no_largest = True
     if args.name is None:
-        args.name = "e2e_tiny" if args.tiny else ("e2e_h200_quick" if args.quick else "e2e_h200")
+        args.name = ("e2e_tiny" if args.tiny else ("e2e_h200_quick" if args.quick else "e2e_h200")) + (
+            "_fused" if args.fused_ops else "")
     return args
 
 

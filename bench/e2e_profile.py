@@ -34,6 +34,7 @@ from flux_attention.decode_loop import StaticDecodeLoop  # noqa: E402
 # First match wins: our kernels are in namespace flux (some instantiate CUTLASS templates, so they
 # are tested before the GEMM patterns).
 CATEGORIES = [
+    ("flux model ops", r"flux::.*(rms_norm|silu_mul|rope)_kernel"),
     ("flux attention", r"flux::"),
     ("sdpa attention", r"cudnn|fmha|flash|sdpa|attention"),
     ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|splitk"),
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--configs", type=lambda s: s.split(","), default=["sdpa", "flux_fa", "flux_sa100"])
     ap.add_argument("--decode-batch", type=int, default=4, help="0: no decode profile")
+    ap.add_argument("--fused-ops", action="store_true", help="flux configs (and sdpa_fused) use "
+                    "flux_attention.fuse_ops")
     ap.add_argument("--decode-steps", type=int, default=4)
     ap.add_argument("--name", default="e2e_profile_h200")
     ap.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"))
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
 
     e2e.LLAMA_8B = {**e2e.LLAMA_8B, "num_hidden_layers": args.layers}
     bench_args = e2e.parse(["--lengths", str(args.length), "--configs", ",".join(["sdpa"] + args.configs),
-                            "--no-largest", "--out-dir", ""])
+                            "--no-largest", "--out-dir", ""] + (["--fused-ops"] if args.fused_ops else []))
     bench = e2e.Bench(bench_args)
     bench.build()
     n_layers = args.layers
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
         if args.decode_batch > 0:
             b = args.decode_batch
             e2e._replicate(cache, b, bench.device)
-            graph = config != "sdpa"
+            graph = not e2e.is_sdpa(config)
             loop = StaticDecodeLoop(bench.model, cache, cuda_graph=graph, warmup_steps=2)
             try:
                 loop.start(e2e._rows(ids, b), e2e._rows(args.length, b), 2 * args.decode_steps + 4)

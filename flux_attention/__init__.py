@@ -10,6 +10,7 @@ import torch  # noqa: F401  (loads libtorch before the extension that links agai
 
 from . import _C
 from .checkpoint import load_router, save_router
+from .fused import fuse_ops, unfuse_ops
 from .ops import (
     append_kv,
     decode_attention,
@@ -17,6 +18,9 @@ from .ops import (
     full_attention,
     gumbel_route,
     pool_queries,
+    rms_norm,
+    rotary_embedding,
+    silu_mul,
     sparse_attention,
 )
 from .router import LayerRouter, RouterConfig
@@ -58,6 +62,11 @@ __all__ = [
     "full_attention",
     "gumbel_route",
     "pool_queries",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_mul",
+    "fuse_ops",
+    "unfuse_ops",
     "sparse_attention",
     "LayerRouter",
     "RouterConfig",

@@ -36,6 +36,9 @@ __all__ = [
     "append_kv",
     "pool_queries",
     "gumbel_route",
+    "rms_norm",
+    "silu_mul",
+    "rotary_embedding",
 ]
 
 
@@ -292,3 +295,27 @@ def gumbel_route(
         ``z [B]`` in logits' dtype.
     """
     return _ops.gumbel_route(logits, tau, hard, generator)
+
+
+# ---- the transformer block's ops outside attention (inference) ----------------------------------
+# Fused, memory-bound kernels: one read of each input, one write, fp32 math, one rounding. They have
+# no backward; ``flux_attention.fuse_ops(model)`` routes transformers' modules through them.
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """``weight * x / sqrt(mean(x**2, -1) + eps)`` over the last dimension (Llama's RMSNorm), in
+    fp32, rounded once to x's dtype. ``weight``: ``[x.shape[-1]]``, x's dtype. Inference only."""
+    return _ops.rms_norm(x, weight, eps)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` (the SwiGLU MLP's activation), in fp32, rounded once. Inference only."""
+    return _ops.silu_mul(gate, up)
+
+
+def rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` (rotate_half convention) for q ``[B, Hq, S, D]`` and
+    k ``[B, Hk, S, D]`` with ``cos, sin [B or 1, S, D]``, in fp32, rounded once. The outputs keep
+    q's and k's memory layouts (a ``[B, H, S, D]`` view of ``[B, S, H, D]`` memory stays one), so
+    attention reads them without a transposing copy. Inference only."""
+    return _ops.rotary_embedding(q, k, cos, sin)

@@ -58,6 +58,19 @@ def run(small: bool) -> None:
         # router pooling
         qp = torch.randn(2, 333, 8, d, device=dev, dtype=dt, requires_grad=True)
         fa.pool_queries(qp, pool_size=150).float().sum().backward()
+    # the fused model ops: vector and element-wise paths, the three RMSNorm row groupings
+    with torch.no_grad():
+        for cols in (128, 576, 4096, 13):
+            x = torch.randn(37, cols, device=dev, dtype=dt)
+            fa.rms_norm(x, torch.ones(cols, device=dev, dtype=dt))
+        for n in (14336 * 3, 1001):
+            g = torch.randn(n, device=dev, dtype=dt)
+            fa.silu_mul(g, g)
+        for d, hk in ((128, 8), (6, 3)):
+            qr = torch.randn(2, 33, 32, d, device=dev, dtype=dt).transpose(1, 2)
+            kr = torch.randn(2, 33, hk, d, device=dev, dtype=dt).transpose(1, 2)
+            cs = torch.randn(1, 33, d, device=dev, dtype=dt)
+            fa.rotary_embedding(qr, kr, cs, cs)
     torch.cuda.synchronize()
     print("sanitizer cases ran")
 

@@ -8,6 +8,7 @@
 #include "decode.h"
 #include "gumbel.h"
 #include "meta.h"
+#include "model_ops.h"
 #include "pool.h"
 
 TORCH_LIBRARY(flux_attention, m) {
@@ -57,6 +58,11 @@ TORCH_LIBRARY(flux_attention, m) {
         "-> (Tensor z, Tensor soft)",
         tags);
   m.def("gumbel_route_backward(Tensor grad_z, Tensor soft, float tau) -> Tensor", tags);
+  // The transformer block's memory-bound ops outside attention, fused (csrc/ops/model_ops.cpp).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps=1e-06) -> Tensor", tags);
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor", tags);
+  m.def("rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)",
+        tags);
 }
 
 #define FLUX_REGISTER_DEVICE_KERNELS(m)                                  \
@@ -67,7 +73,10 @@ TORCH_LIBRARY(flux_attention, m) {
   m.impl("decode_attention", &flux_attention::decode_attention_kernel); \
   m.impl("append_kv", &flux_attention::append_kv_kernel);               \
   m.impl("pool_queries", &flux_attention::pool_queries_kernel);         \
-  m.impl("pool_queries_backward", &flux_attention::pool_queries_backward_kernel)
+  m.impl("pool_queries_backward", &flux_attention::pool_queries_backward_kernel); \
+  m.impl("rms_norm", &flux_attention::rms_norm_kernel);                 \
+  m.impl("silu_mul", &flux_attention::silu_mul_kernel);                 \
+  m.impl("rotary_embedding", &flux_attention::rotary_embedding_kernel)
 
 TORCH_LIBRARY_IMPL(flux_attention, CPU, m) { FLUX_REGISTER_DEVICE_KERNELS(m); }
 
@@ -84,6 +93,9 @@ TORCH_LIBRARY_IMPL(flux_attention, Meta, m) {
   m.impl("append_kv", &flux_attention::append_kv_meta);
   m.impl("pool_queries", &flux_attention::pool_queries_meta);
   m.impl("pool_queries_backward", &flux_attention::pool_queries_backward_meta);
+  m.impl("rms_norm", &flux_attention::rms_norm_meta);
+  m.impl("silu_mul", &flux_attention::silu_mul_meta);
+  m.impl("rotary_embedding", &flux_attention::rotary_embedding_meta);
 }
 
 // gumbel_route is a handful of ATen ops on [B, 2]: one composite kernel serves every backend.
@@ -99,4 +111,7 @@ TORCH_LIBRARY_IMPL(flux_attention, Autograd, m) {
   m.impl("flux_attention", &flux_attention::flux_attention_autograd);
   m.impl("pool_queries", &flux_attention::pool_queries_autograd);
   m.impl("gumbel_route", &flux_attention::gumbel_route_autograd);
+  m.impl("rms_norm", &flux_attention::rms_norm_autograd);
+  m.impl("silu_mul", &flux_attention::silu_mul_autograd);
+  m.impl("rotary_embedding", &flux_attention::rotary_embedding_autograd);
 }

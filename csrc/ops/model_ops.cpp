@@ -1,0 +1,220 @@
+// The fused model ops (flux/model_ops.h): input checks, output allocation, device dispatch, and the
+// inference-only autograd guard. flux_attention/fused.py puts them into transformers' modules.
+#include "model_ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+
+#include "device.h"
+#include "flux/model_ops.h"
+
+namespace flux_attention {
+
+using at::Tensor;
+using checks::describe;
+using TensorPair = std::tuple<Tensor, Tensor>;
+
+namespace {
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+void check_float_pair(const char* op, const char* name, const Tensor& t, const char* ref_name,
+                      const Tensor& ref) {
+  checks::check_defined(op, name, t);
+  checks::check_same_device(op, name, t, ref_name, ref);
+  checks::check_same_dtype(op, name, t, ref_name, ref);
+}
+
+void check_rope(const char* op, const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin) {
+  checks::check_defined(op, "q", q);
+  checks::kernel_dtype(op, "q", q);
+  check_float_pair(op, "k", k, "q", q);
+  check_float_pair(op, "cos", cos, "q", q);
+  check_float_pair(op, "sin", sin, "q", q);
+  FLUX_CHECK(q.dim() == 4 && k.dim() == 4, op,
+             "q and k must be [batch, heads, seqlen, head_dim] (transformers' layout); got q ", describe(q),
+             ", k ", describe(k));
+  FLUX_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3), op,
+             "k must match q's batch, seqlen and head_dim; got q ", describe(q), ", k ", describe(k));
+  FLUX_CHECK(q.size(3) % 2 == 0, op, "head_dim must be even (rotate_half); got q ", describe(q));
+  FLUX_CHECK(cos.dim() == 3 && (cos.size(0) == q.size(0) || cos.size(0) == 1) && cos.size(1) == q.size(2) &&
+                 cos.size(2) == q.size(3),
+             op, "cos must be [batch or 1, seqlen, head_dim] = [", q.size(0), ", ", q.size(2), ", ", q.size(3),
+             "]; got ", describe(cos));
+  FLUX_CHECK(sin.sizes() == cos.sizes(), op, "sin must have cos's shape ", describe(cos), "; got ",
+             describe(sin));
+  FLUX_CHECK(q.size(0) * q.size(2) <= int64_t(0x7fffffff), op, "batch * seqlen must be < 2^31; got q ",
+             describe(q));
+}
+
+}  // namespace
+
+Tensor rms_norm_kernel(const Tensor& x_in, const Tensor& weight_in, double eps) {
+  const char* op = "rms_norm";
+  checks::check_defined(op, "x", x_in);
+  checks::kernel_dtype(op, "x", x_in);
+  check_float_pair(op, "weight", weight_in, "x", x_in);
+  FLUX_CHECK(x_in.dim() >= 1, op, "x must have at least one dimension; got ", describe(x_in));
+  const int64_t cols = x_in.size(-1);
+  FLUX_CHECK(weight_in.dim() == 1 && weight_in.size(0) == cols, op, "weight must be [", cols,
+             "] (x's last dimension); got ", describe(weight_in));
+  FLUX_CHECK(std::isfinite(eps) && eps >= 0, op, "eps must be finite and >= 0; got ", eps);
+  Tensor out = at::empty(x_in.sizes(), x_in.options());
+  if (out.numel() == 0) return out;
+  // Rows as a [rows, cols] view where x allows it (a copy otherwise); the columns must be dense.
+  const Tensor x = checks::unit_last_stride(x_in).reshape({-1, cols});
+  const Tensor weight = weight_in.contiguous();
+  flux::RmsNormParams p;
+  p.dtype = checks::kernel_dtype(op, "x", x);
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr();
+  p.out = out.data_ptr();
+  p.rows = x.size(0);
+  p.cols = cols;
+  p.x_row_stride = x.stride(0);
+  p.out_row_stride = cols;
+  p.eps = float(eps);
+  if (x.device().is_cpu()) {
+    flux::cpu::rms_norm(p);
+  } else {
+#ifdef FLUX_WITH_CUDA
+    if (!x.device().is_cuda()) fail_no_kernel(op, x);
+    run_cuda(op, x, [&](cudaStream_t stream) { return flux::run_rms_norm(p, stream); });
+#else
+    fail_no_kernel(op, x);
+#endif
+  }
+  return out;
+}
+
+Tensor silu_mul_kernel(const Tensor& gate_in, const Tensor& up_in) {
+  const char* op = "silu_mul";
+  checks::check_defined(op, "gate", gate_in);
+  checks::kernel_dtype(op, "gate", gate_in);
+  check_float_pair(op, "up", up_in, "gate", gate_in);
+  FLUX_CHECK(up_in.sizes() == gate_in.sizes(), op, "up must have gate's shape ", describe(gate_in),
+             "; got ", describe(up_in));
+  const Tensor gate = gate_in.contiguous(), up = up_in.contiguous();
+  Tensor out = at::empty(gate.sizes(), gate.options());
+  if (out.numel() == 0) return out;
+  flux::SiluMulParams p;
+  p.dtype = checks::kernel_dtype(op, "gate", gate);
+  p.gate = gate.data_ptr();
+  p.up = up.data_ptr();
+  p.out = out.data_ptr();
+  p.n = out.numel();
+  if (gate.device().is_cpu()) {
+    flux::cpu::silu_mul(p);
+  } else {
+#ifdef FLUX_WITH_CUDA
+    if (!gate.device().is_cuda()) fail_no_kernel(op, gate);
+    run_cuda(op, gate, [&](cudaStream_t stream) { return flux::run_silu_mul(p, stream); });
+#else
+    fail_no_kernel(op, gate);
+#endif
+  }
+  return out;
+}
+
+TensorPair rotary_embedding_kernel(const Tensor& q_in, const Tensor& k_in, const Tensor& cos_in,
+                                   const Tensor& sin_in) {
+  const char* op = "rotary_embedding";
+  check_rope(op, q_in, k_in, cos_in, sin_in);
+  const Tensor q = checks::unit_last_stride(q_in), k = checks::unit_last_stride(k_in);
+  // sin is read with cos's strides.
+  const Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  // Outputs keep the inputs' memory layout: transformers hands q and k as [B, H, S, D] views of
+  // [B, S, H, D] projections, and attention reads them back in that order without a copy.
+  Tensor q_out = at::empty_like(q), k_out = at::empty_like(k);
+  if (q.numel() + k.numel() == 0) return {q_out, k_out};
+  flux::RopeParams p;
+  p.dtype = checks::kernel_dtype(op, "q", q);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.cos = cos.data_ptr();
+  p.sin = sin.data_ptr();
+  p.q_out = q_out.data_ptr();
+  p.k_out = k_out.data_ptr();
+  p.batch = int(q.size(0));
+  p.heads_q = int(q.size(1));
+  p.heads_k = int(k.size(1));
+  p.seqlen = q.size(2);
+  p.head_dim = int(q.size(3));
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  p.qo_batch_stride = q_out.stride(0), p.qo_head_stride = q_out.stride(1), p.qo_row_stride = q_out.stride(2);
+  p.ko_batch_stride = k_out.stride(0), p.ko_head_stride = k_out.stride(1), p.ko_row_stride = k_out.stride(2);
+  p.cos_batch_stride = cos.size(0) == 1 ? 0 : cos.stride(0);
+  p.cos_row_stride = cos.stride(1);
+  if (q.device().is_cpu()) {
+    flux::cpu::rotary_embedding(p);
+  } else {
+#ifdef FLUX_WITH_CUDA
+    if (!q.device().is_cuda()) fail_no_kernel(op, q);
+    run_cuda(op, q, [&](cudaStream_t stream) { return flux::run_rotary_embedding(p, stream); });
+#else
+    fail_no_kernel(op, q);
+#endif
+  }
+  return {q_out, k_out};
+}
+
+// ---- meta ----------------------------------------------------------------------------------------
+
+Tensor rms_norm_meta(const Tensor& x, const Tensor&, double) {
+  return at::empty_symint(x.sym_sizes(), x.options());
+}
+
+Tensor silu_mul_meta(const Tensor& gate, const Tensor&) {
+  return at::empty_symint(gate.sym_sizes(), gate.options());
+}
+
+TensorPair rotary_embedding_meta(const Tensor& q, const Tensor& k, const Tensor&, const Tensor&) {
+  return {at::empty_like(q), at::empty_like(k)};
+}
+
+// ---- autograd guard ------------------------------------------------------------------------------
+
+namespace {
+
+void refuse_grad(const char* op, std::initializer_list<const Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const Tensor* t : inputs) {
+    FLUX_CHECK(!(t->defined() && t->requires_grad()), op,
+               "an input requires grad, but this inference kernel has no backward. Call it under "
+               "torch.no_grad() / torch.inference_mode(); modules patched by "
+               "flux_attention.fuse_ops fall back to their own forward when gradients are needed");
+  }
+}
+
+}  // namespace
+
+Tensor rms_norm_autograd(const Tensor& x, const Tensor& weight, double eps) {
+  refuse_grad("rms_norm", {&x, &weight});
+  at::AutoDispatchBelowADInplaceOrView below;
+  static const auto op = handle<Tensor(const Tensor&, const Tensor&, double)>("flux_attention::rms_norm");
+  return op.call(x, weight, eps);
+}
+
+Tensor silu_mul_autograd(const Tensor& gate, const Tensor& up) {
+  refuse_grad("silu_mul", {&gate, &up});
+  at::AutoDispatchBelowADInplaceOrView below;
+  static const auto op = handle<Tensor(const Tensor&, const Tensor&)>("flux_attention::silu_mul");
+  return op.call(gate, up);
+}
+
+TensorPair rotary_embedding_autograd(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin) {
+  refuse_grad("rotary_embedding", {&q, &k, &cos, &sin});
+  at::AutoDispatchBelowADInplaceOrView below;
+  static const auto op = handle<TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
+      "flux_attention::rotary_embedding");
+  return op.call(q, k, cos, sin);
+}
+
+}  // namespace flux_attention

@@ -1,0 +1,29 @@
+#pragma once
+
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace flux_attention {
+
+// Device kernels (CPU and CUDA keys): check inputs, allocate outputs, call the device's kernel.
+at::Tensor rms_norm_kernel(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor silu_mul_kernel(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> rotary_embedding_kernel(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& cos, const at::Tensor& sin);
+
+// Meta: output shapes for torch.compile / fake tensors.
+at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor silu_mul_meta(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> rotary_embedding_meta(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& cos, const at::Tensor& sin);
+
+// Autograd: these are inference kernels without a backward. Under grad mode with an input that
+// requires grad they raise (naming the fix) instead of returning outputs that cannot backpropagate;
+// otherwise they run the device kernel.
+at::Tensor rms_norm_autograd(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor silu_mul_autograd(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> rotary_embedding_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& cos, const at::Tensor& sin);
+
+}  // namespace flux_attention

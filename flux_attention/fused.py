@@ -1,0 +1,153 @@
+"""Fused kernels for the rest of the transformer block: ``fuse_ops(model)`` / ``unfuse_ops(model)``.
+
+Routing shrinks attention; what remains of a layer is its linear layers and the memory-bound ops
+between them, which transformers writes as several PyTorch passes each: an fp32 RMSNorm (to fp32,
+square, mean, rsqrt, multiply, back to bf16, times the weight), ``silu(gate) * up``, and the rotary
+embedding through ``rotate_half``'s slices and ``cat``. At the Llama-3.1-8B shape and 128K tokens
+those passes cost ~25 ms per layer, ~0.8 s of a prefill (docs/perf_notes.md "Model ops"). With
+``fuse_ops`` each is one kernel that reads its inputs once and writes once (fp32 math, one rounding:
+at least as accurate as the unfused code).
+
+What is patched, for the Llama family (Llama, Mistral, Qwen2, Qwen3; SmolLM2 is a Llama):
+
+- every ``*RMSNorm`` module of those models (including Qwen3's q/k norms): its ``forward``;
+- every ``*MLP`` with ``gate_proj``, ``up_proj``, ``down_proj`` and a SiLU ``act_fn``: its ``forward``
+  (the three projections stay the model's own modules, so quantised or adapted linears still work);
+- the ``apply_rotary_pos_emb`` function of the model's modeling module. That is a module global, so
+  it applies to every model of that class in the process; it computes the same function.
+
+Each fused forward is used only where it is exact in meaning: inference (no gradient needed:
+``torch.no_grad()``, or inputs that do not require grad), dtypes the kernels support, the layouts
+transformers produces. Anything else runs the module's original code, so router training, which
+backpropagates through the frozen model, is unaffected. ``unfuse_ops`` restores the originals.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Dict
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["fuse_ops", "unfuse_ops"]
+
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# modeling module name -> its original apply_rotary_pos_emb, and how many fused models use it.
+_ROPE_ORIGINALS: Dict[str, list] = {}
+
+
+def _family_module(mod: nn.Module) -> bool:
+    name = type(mod).__module__
+    return name.startswith("transformers.models.") and name.split(".")[2] in _FAMILIES
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _fusable(*tensors: Tensor) -> bool:
+    ref = tensors[0]
+    return (ref.dtype in _DTYPES and ref.device.type in ("cuda", "cpu")
+            and all(t.dtype == ref.dtype and t.device == ref.device for t in tensors)
+            and not _needs_grad(*tensors))
+
+
+def _norm_forward(self, hidden_states: Tensor) -> Tensor:
+    if _fusable(hidden_states, self.weight) and hidden_states.shape[-1] == self.weight.shape[0]:
+        return ops.rms_norm(hidden_states, self.weight, float(self.variance_epsilon))
+    return self._flux_unfused_forward(hidden_states)
+
+
+def _mlp_forward(self, x: Tensor) -> Tensor:
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if _fusable(gate, up):
+        return self.down_proj(ops.silu_mul(gate, up))
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    return (type(mod).__name__.endswith("RMSNorm") and isinstance(getattr(mod, "weight", None), Tensor)
+            and hasattr(mod, "variance_epsilon") and getattr(mod, "weight").dim() == 1)
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+def _is_mlp(mod: nn.Module) -> bool:
+    return (type(mod).__name__.endswith("MLP") and all(
+        isinstance(getattr(mod, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+        and _is_silu(getattr(mod, "act_fn", None)))
+
+
+def _make_rope(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        plain = (args in ((), (1,)) and not kwargs) or (not args and kwargs == {"unsqueeze_dim": 1})
+        if (plain and isinstance(q, Tensor) and q.dim() == 4
+                and isinstance(k, Tensor) and k.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape
+                and cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.shape[-1] % 2 == 0
+                and q.stride(-1) == 1 and k.stride(-1) == 1 and _fusable(q, k, cos, sin)):
+            return ops.rotary_embedding(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._flux_original = original
+    apply_rotary_pos_emb.__doc__ = original.__doc__
+    return apply_rotary_pos_emb
+
+
+def fuse_ops(model: nn.Module) -> Dict[str, int]:
+    """Route ``model``'s RMSNorms, SwiGLU MLPs and rotary embedding through the fused kernels
+    (inference only; see the module docstring). Idempotent. Returns how many of each it patched:
+    ``{"rms_norm": n, "mlp": n, "rope": n}`` (rope: modeling modules). Models outside the Llama
+    family are left as they are (all counts 0)."""
+    counts = {"rms_norm": 0, "mlp": 0, "rope": 0}
+    rope_modules = set()
+    for mod in model.modules():
+        if not _family_module(mod):
+            continue
+        if _is_norm(mod) and not hasattr(mod, "_flux_unfused_forward"):
+            mod._flux_unfused_forward = mod.forward
+            mod.forward = types.MethodType(_norm_forward, mod)
+            counts["rms_norm"] += 1
+        elif _is_mlp(mod) and not hasattr(mod, "_flux_unfused_forward"):
+            mod._flux_unfused_forward = mod.forward
+            mod.forward = types.MethodType(_mlp_forward, mod)
+            counts["mlp"] += 1
+        modeling = sys.modules.get(type(mod).__module__)
+        if modeling is not None and callable(getattr(modeling, "apply_rotary_pos_emb", None)):
+            rope_modules.add(modeling)
+    if getattr(model, "_flux_fused_rope", None) is None:
+        for modeling in rope_modules:
+            entry = _ROPE_ORIGINALS.get(modeling.__name__)
+            if entry is None:
+                original = modeling.apply_rotary_pos_emb
+                entry = _ROPE_ORIGINALS[modeling.__name__] = [original, 0]
+                modeling.apply_rotary_pos_emb = _make_rope(original)
+            entry[1] += 1
+            counts["rope"] += 1
+        model._flux_fused_rope = sorted(m.__name__ for m in rope_modules)
+    return counts
+
+
+def unfuse_ops(model: nn.Module) -> None:
+    """Undo ``fuse_ops(model)``: original forwards back; each modeling module's
+    ``apply_rotary_pos_emb`` is restored once no fused model uses it."""
+    for mod in model.modules():
+        if hasattr(mod, "_flux_unfused_forward"):
+            del mod.forward  # the instance attribute; the class's forward shows again
+            del mod._flux_unfused_forward
+    for name in getattr(model, "_flux_fused_rope", None) or ():
+        entry = _ROPE_ORIGINALS.get(name)
+        if entry is None:
+            continue
+        entry[1] -= 1
+        if entry[1] <= 0:
+            setattr(sys.modules[name], "apply_rotary_pos_emb", entry[0])
+            del _ROPE_ORIGINALS[name]
+    if hasattr(model, "_flux_fused_rope"):
+        del model._flux_fused_rope

@@ -1,0 +1,285 @@
+"""The fused model ops (rms_norm, silu_mul, rotary_embedding) against float64 references written
+as transformers writes them, and fuse_ops on real transformers models."""
+
+import pytest
+import torch
+
+import flux_attention as fa
+from utils import assert_matches, device_params, randn
+
+BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+
+
+def dtypes_for(device):
+    return [FP32, BF16, FP16] + ([FP64] if device == "cpu" else [])
+
+
+# ---- references: transformers' code, run in the dtype asked for --------------------------------
+
+
+def rms_norm_ref(x, w, eps, dtype=FP64):
+    """LlamaRMSNorm.forward; dtype=FP64 is the truth, the input dtype is PyTorch's own error."""
+    if dtype == FP64:
+        x, w = x.double(), w.double()
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def silu_mul_ref(g, u, dtype=FP64):
+    if dtype == FP64:
+        g, u = g.double(), u.double()
+    return torch.nn.functional.silu(g) * u
+
+
+def rope_ref(q, k, cos, sin, dtype=FP64):
+    """apply_rotary_pos_emb with rotate_half."""
+    if dtype == FP64:
+        q, k, cos, sin = q.double(), k.double(), cos.double(), sin.double()
+
+    def rot(x):
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * c + rot(q) * s, k * c + rot(k) * s
+
+
+def poisoned_view(shape, dtype, device, pad):
+    """A random tensor of `shape` whose rows sit inside a wider NaN-filled buffer (last dim padded
+    by `pad`): a kernel that reads past a row, or ignores the row stride, returns NaN."""
+    base = torch.full((*shape[:-1], shape[-1] + pad), float("nan"), dtype=dtype, device=device)
+    view = base[..., : shape[-1]]
+    view.copy_(randn(*shape, dtype=dtype, device=device))
+    return view
+
+
+# ---- rms_norm -------------------------------------------------------------------------------------
+
+NORM_SHAPES = [(4096,), (3, 7, 576), (5, 4096), (2, 3, 5, 128), (4, 13), (1, 1), (17, 1000)]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_rms_norm_matches_reference(device, shape):
+    for dtype in dtypes_for(device):
+        x = randn(*shape, dtype=dtype, device=device) * 3
+        w = (1 + 0.5 * torch.randn(shape[-1], device=device)).to(dtype)
+        out = fa.rms_norm(x, w, 1e-5)
+        assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+        assert_matches(f"rms_norm {shape} {dtype}", out, rms_norm_ref(x, w, 1e-5),
+                       lambda: rms_norm_ref(x, w, 1e-5, dtype), dtype)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("pad", [8, 3])  # 16-byte aligned rows (vector path) and not
+def test_rms_norm_strided_rows(device, pad):
+    for dtype in (BF16, FP32):
+        x = poisoned_view((6, 9, 256), dtype, device, pad)
+        w = randn(256, dtype=dtype, device=device)
+        out = fa.rms_norm(x, w, 1e-6)
+        assert_matches("rms_norm strided", out, rms_norm_ref(x, w, 1e-6),
+                       lambda: rms_norm_ref(x, w, 1e-6, dtype), dtype)
+
+
+# ---- silu_mul ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("shape", [(14336,), (3, 5, 1536), (7,), (1001,), (2, 0, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_silu_mul_matches_reference(device, shape):
+    for dtype in dtypes_for(device):
+        g = randn(*shape, dtype=dtype, device=device) * 4
+        u = randn(*shape, dtype=dtype, device=device)
+        out = fa.silu_mul(g, u)
+        assert out.dtype == dtype and out.shape == g.shape
+        assert_matches(f"silu_mul {shape} {dtype}", out, silu_mul_ref(g, u), lambda: silu_mul_ref(g, u, dtype),
+                       dtype)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_silu_mul_misaligned_input(device):
+    buf = randn(4 * 1024 + 1, dtype=BF16, device=device)
+    g, u = buf[1:2049], buf[2049:]  # 2-byte offsets: the element-wise path
+    assert_matches("silu_mul misaligned", fa.silu_mul(g, u), silu_mul_ref(g, u), lambda: silu_mul_ref(g, u, BF16),
+                   BF16)
+
+
+# ---- rotary_embedding ----------------------------------------------------------------------------
+
+
+def hf_layout(batch, heads, seqlen, head_dim, dtype, device):
+    """q as transformers hands it: a [B, H, S, D] view of a [B, S, H, D] projection."""
+    return randn(batch, seqlen, heads, head_dim, dtype=dtype, device=device).transpose(1, 2)
+
+
+def rope_inputs(batch, seqlen, head_dim, dtype, device, shared):
+    pos = torch.arange(seqlen, dtype=torch.float64, device=device)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    freqs = torch.outer(pos + 37, inv)
+    emb = torch.cat((freqs, freqs), -1)[None].expand(1 if shared else batch, -1, -1)
+    return emb.cos().to(dtype).contiguous(), emb.sin().to(dtype).contiguous()
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("b,hq,hk,s,d,shared", [
+    (1, 32, 8, 67, 128, True), (2, 9, 3, 33, 64, False), (3, 4, 4, 5, 6, False), (1, 2, 1, 1, 16, True)])
+def test_rotary_embedding_matches_reference(device, b, hq, hk, s, d, shared):
+    for dtype in dtypes_for(device):
+        q = hf_layout(b, hq, s, d, dtype, device)
+        k = hf_layout(b, hk, s, d, dtype, device)
+        cos, sin = rope_inputs(b, s, d, dtype, device, shared)
+        qo, ko = fa.rotary_embedding(q, k, cos, sin)
+        assert qo.stride() == q.stride() and ko.stride() == k.stride(), "outputs keep the inputs' layout"
+        want_q, want_k = rope_ref(q, k, cos, sin)
+        low = lambda: rope_ref(q, k, cos, sin, dtype)  # noqa: E731
+        assert_matches(f"rope q {dtype}", qo, want_q, lambda: low()[0], dtype)
+        assert_matches(f"rope k {dtype}", ko, want_k, lambda: low()[1], dtype)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_rotary_embedding_contiguous_and_strided(device):
+    """Contiguous [B, H, S, D] inputs, and k as a slice of a NaN-padded buffer."""
+    q = randn(2, 4, 9, 64, dtype=BF16, device=device)
+    k = poisoned_view((2, 2, 9, 64), BF16, device, 5)
+    cos, sin = rope_inputs(2, 9, 64, BF16, device, shared=False)
+    qo, ko = fa.rotary_embedding(q, k, cos, sin)
+    want_q, want_k = rope_ref(q, k, cos, sin)
+    assert_matches("rope contiguous q", qo, want_q, lambda: rope_ref(q, k, cos, sin, BF16)[0], BF16)
+    assert_matches("rope strided k", ko, want_k, lambda: rope_ref(q, k, cos, sin, BF16)[1], BF16)
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+def test_model_op_errors_name_the_argument():
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"rms_norm: weight must be \[8\]"):
+        fa.rms_norm(x, torch.ones(7))
+    with pytest.raises(RuntimeError, match="rms_norm: weight must have the dtype of x"):
+        fa.rms_norm(x, torch.ones(8, dtype=FP64))
+    with pytest.raises(RuntimeError, match="rms_norm: eps must be finite"):
+        fa.rms_norm(x, torch.ones(8), float("nan"))
+    with pytest.raises(RuntimeError, match="rms_norm: x must be bf16, fp16, fp32"):
+        fa.rms_norm(x.to(torch.int32), torch.ones(8, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="silu_mul: up must have gate's shape"):
+        fa.silu_mul(x, torch.randn(4, 9))
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
+    cos = torch.randn(1, 3, 8)
+    with pytest.raises(RuntimeError, match=r"rotary_embedding: cos must be \[batch or 1, seqlen, head_dim\]"):
+        fa.rotary_embedding(q, k, cos[:, :2], cos[:, :2])
+    with pytest.raises(RuntimeError, match="rotary_embedding: head_dim must be even"):
+        fa.rotary_embedding(q[..., :7], k[..., :7], cos[..., :7], cos[..., :7])
+    with pytest.raises(RuntimeError, match="rotary_embedding: k must match q's batch"):
+        fa.rotary_embedding(q, k[:, :, :2], cos, cos)
+    with pytest.raises(RuntimeError, match="rotary_embedding: sin must have cos's shape"):
+        fa.rotary_embedding(q, k, cos, cos[:1, :1])
+
+
+def test_model_ops_refuse_grad_and_run_without_it():
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.ones(16)
+    with pytest.raises(RuntimeError, match="rms_norm: an input requires grad, but this inference kernel"):
+        fa.rms_norm(x, w)
+    with pytest.raises(RuntimeError, match="silu_mul: an input requires grad"):
+        fa.silu_mul(x, x)
+    with torch.no_grad():
+        assert not fa.rms_norm(x, w).requires_grad
+    with torch.inference_mode():
+        fa.silu_mul(x.detach(), x.detach())
+
+
+def test_model_ops_meta_shapes():
+    x = torch.empty(2, 5, 64, device="meta", dtype=BF16)
+    assert fa.rms_norm(x, torch.empty(64, device="meta", dtype=BF16)).shape == x.shape
+    assert fa.silu_mul(x, x).shape == x.shape
+    q = torch.empty(2, 5, 4, 64, device="meta", dtype=BF16).transpose(1, 2)
+    cos = torch.empty(2, 5, 64, device="meta", dtype=BF16)
+    qo, ko = fa.rotary_embedding(q, q, cos, cos)
+    assert qo.shape == q.shape and ko.shape == q.shape
+
+
+# ---- fuse_ops on transformers models ----------------------------------------------------------------
+
+
+def tiny_model(kind, device, dtype):
+    import transformers
+
+    common = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, attn_implementation="sdpa")
+    if kind == "llama":
+        config = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.Qwen3Config(**common, head_dim=32)
+        cls = transformers.Qwen3ForCausalLM
+    torch.manual_seed(0)
+    model = cls(config).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():  # non-trivial norm weights, so a norm that ignores them fails
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_fuse_ops_keeps_the_model_output(device, kind):
+    import transformers
+
+    dtype = FP32 if device == "cpu" else BF16
+    model = tiny_model(kind, device, dtype)
+    modeling = __import__(f"transformers.models.{kind}.modeling_{kind}", fromlist=["x"])
+    original_rope = modeling.apply_rotary_pos_emb
+    ids = torch.randint(0, 512, (2, 37), device=device)
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        counts = fa.fuse_ops(model)
+        n_norms = 2 * 3 + 1 + (2 * 3 if kind == "qwen3" else 0)  # 2 per layer + final (+ q/k norms)
+        assert counts == {"rms_norm": n_norms, "mlp": 3, "rope": 1}
+        assert fa.fuse_ops(model) == {"rms_norm": 0, "mlp": 0, "rope": 0}, "idempotent"
+        assert modeling.apply_rotary_pos_emb is not original_rope
+        got = model(ids).logits.float()
+    scale = want.abs().max().item()
+    tol = 1e-5 if dtype == FP32 else 0.05  # bf16: 3 layers of one-rounding vs several-rounding code
+    assert (got - want).abs().max().item() <= tol * scale, (got - want).abs().max().item()
+    assert isinstance(model, transformers.PreTrainedModel)
+
+    # Training-style forward: gradients flow through the original code, no error.
+    model.model.embed_tokens.weight.requires_grad_(True)
+    loss = model(ids).logits.float().square().mean()
+    loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+    fa.unfuse_ops(model)
+    assert modeling.apply_rotary_pos_emb is original_rope
+    assert all("forward" not in vars(m) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits.float(), want)
+
+
+def test_fuse_ops_ignores_other_models():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    assert fa.fuse_ops(model) == {"rms_norm": 0, "mlp": 0, "rope": 0}
+    fa.unfuse_ops(model)
+
+
+def test_fused_rope_wrapper_falls_back_for_other_calls():
+    """Calls the kernel does not cover (another unsqueeze_dim, grad) run transformers' code."""
+    model = tiny_model("llama", "cpu", FP32)
+    from transformers.models.llama import modeling_llama as m
+
+    fa.fuse_ops(model)
+    try:
+        q = torch.randn(1, 5, 2, 8)  # [B, S, H, D] with unsqueeze_dim=2
+        cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+        got = m.apply_rotary_pos_emb(q, q, cos, sin, unsqueeze_dim=2)
+        want = m.apply_rotary_pos_emb._flux_original(q, q, cos, sin, unsqueeze_dim=2)
+        assert torch.equal(got[0], want[0])
+        qg = torch.randn(1, 2, 5, 8, requires_grad=True)
+        out, _ = m.apply_rotary_pos_emb(qg, qg, cos, sin)
+        assert out.grad_fn is not None
+    finally:
+        fa.unfuse_ops(model)

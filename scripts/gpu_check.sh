@@ -77,6 +77,9 @@ if [ $BENCH = 1 ]; then
   done
 fi
 [ $E2E = 1 ] && step bench_e2e timeout 450 $PY bench/e2e.py $([ $QUICK = 1 ] && echo --quick) --out-dir "$OUT"
+# The same at 128K with the fused model ops (flux_attention.fuse_ops) and the sdpa_fused anchor.
+[ $E2E = 1 ] && [ $QUICK = 0 ] && step bench_e2e_fused timeout 300 $PY bench/e2e.py --fused-ops --lengths 131072 \
+  --configs sdpa,sdpa_fused,flux_fa,flux_sa75,flux_sa90,flux_sa100 --batches 1 --no-largest --out-dir "$OUT"
 # Where the end-to-end time goes: per-layer kernel time by category of a 128K prefill and decode step.
 [ $E2E = 1 ] && step bench_e2e_profile timeout 200 $PY bench/e2e_profile.py --out-dir "$OUT"
 [ $TRAIN = 1 ] && step train_check env PYTHON=$PY bash scripts/train_gpu_check.sh

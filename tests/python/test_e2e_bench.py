@@ -89,3 +89,29 @@ def test_tiny_run_end_to_end(tmp_path):
     assert any("largest batch" in n for n in names) and any("router overhead" in n for n in names)
     assert data["router_overhead"]["eager_ms"] > 0
     assert "Acceptance" in data["summary"]
+
+
+def test_tiny_run_with_fused_ops(tmp_path):
+    """--fused-ops: flux configs run with fuse_ops, sdpa_fused joins as a second anchor, and plain
+    sdpa stays unfused (its modules keep their own forward)."""
+    res = tmp_path / "results"
+    argv = ["--tiny", "--fused-ops", "--configs", "sdpa,sdpa_fused,flux_sa75", "--lengths", "64",
+            "--batches", "1", "--no-largest", "--budget-s", "300", "--results-dir", str(res),
+            "--out-dir", str(tmp_path / "out"), "--name", "e2e_fused_test"]
+    assert e2e.main(argv) == 0
+    data = json.loads((res / "e2e_fused_test.json").read_text())
+    assert data["errors"] == [] and data["skipped"] == []
+    rows = {r["config"]: r for r in data["prefill"]}
+    assert set(rows) == {"sdpa", "sdpa_fused", "flux_sa75"}
+    assert all(r["speedup_vs_sdpa_fused"] > 0 for r in rows.values())
+    assert "vs sdpa_fused" in data["summary"] and "flux_sa75 +fused" in data["summary"]
+
+
+def test_bench_use_switches_fused_ops():
+    args = e2e.parse(["--tiny", "--fused-ops", "--configs", "sdpa,sdpa_fused,flux_fa", "--lengths", "64"])
+    bench = e2e.Bench(args)
+    bench.build()
+    norms = [m for m in bench.model.modules() if type(m).__name__.endswith("RMSNorm")]
+    for config, fused in (("sdpa_fused", True), ("sdpa", False), ("flux_fa", True), ("sdpa", False)):
+        bench.use(config)
+        assert all(("forward" in vars(m)) == fused for m in norms), config

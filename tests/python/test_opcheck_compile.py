@@ -97,6 +97,18 @@ def test_opcheck_gumbel(device, grad):
     opcheck(ops.gumbel_route_backward.default, (torch.randn(3, device=device), soft, 0.7))
 
 
+def test_opcheck_model_ops(device):
+    """The fused model ops have no backward: opcheck on inputs that do not require grad."""
+    for dtype in (FP32, BF16):
+        x = make(3, 5, 64, device=device, dtype=dtype)
+        opcheck(ops.rms_norm.default, (x, make(64, device=device, dtype=dtype), 1e-5))
+        opcheck(ops.silu_mul.default, (x, make(3, 5, 64, device=device, dtype=dtype)))
+        q = make(2, 7, 4, 32, device=device, dtype=dtype).transpose(1, 2)
+        k = make(2, 7, 2, 32, device=device, dtype=dtype).transpose(1, 2)
+        cos = make(1, 7, 32, device=device, dtype=dtype)
+        opcheck(ops.rotary_embedding.default, (q, k, cos, make(1, 7, 32, device=device, dtype=dtype)))
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------

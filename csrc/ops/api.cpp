@@ -81,4 +81,15 @@ Tensor gumbel_route(const Tensor& logits, double tau, bool hard,
   return handles::gumbel_route().call(logits, tau, hard, std::move(generator));
 }
 
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  return handles::rms_norm().call(x, weight, eps);
+}
+
+Tensor silu_mul(const Tensor& gate, const Tensor& up) { return handles::silu_mul().call(gate, up); }
+
+std::tuple<Tensor, Tensor> rotary_embedding(const Tensor& q, const Tensor& k, const Tensor& cos,
+                                            const Tensor& sin) {
+  return handles::rotary_embedding().call(q, k, cos, sin);
+}
+
 }  // namespace flux_attention

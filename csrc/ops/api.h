@@ -74,4 +74,14 @@ at::Tensor pool_queries(const at::Tensor& q, const std::optional<at::Tensor>& cu
 at::Tensor gumbel_route(const at::Tensor& logits, double tau = 1.0, bool hard = true,
                         std::optional<at::Generator> generator = std::nullopt);
 
+// The fused model ops (inference only: they refuse inputs that require grad under grad mode).
+// x [..., C], weight [C] -> weight * x / sqrt(mean(x^2) + eps), fp32 math, one rounding.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps = 1e-6);
+// silu(gate) * up, same shapes.
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+// transformers' apply_rotary_pos_emb: q [B, Hq, S, D], k [B, Hk, S, D], cos/sin [B or 1, S, D];
+// the outputs keep q's and k's memory layouts.
+std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& cos, const at::Tensor& sin);
+
 }  // namespace flux_attention

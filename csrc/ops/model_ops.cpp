@@ -4,12 +4,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 
 #include "device.h"
 #include "flux/model_ops.h"
+#include "op_handles.h"
 
 namespace flux_attention {
 
@@ -18,11 +18,6 @@ using checks::describe;
 using TensorPair = std::tuple<Tensor, Tensor>;
 
 namespace {
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 void check_float_pair(const char* op, const char* name, const Tensor& t, const char* ref_name,
                       const Tensor& ref) {
@@ -198,23 +193,19 @@ void refuse_grad(const char* op, std::initializer_list<const Tensor*> inputs) {
 Tensor rms_norm_autograd(const Tensor& x, const Tensor& weight, double eps) {
   refuse_grad("rms_norm", {&x, &weight});
   at::AutoDispatchBelowADInplaceOrView below;
-  static const auto op = handle<Tensor(const Tensor&, const Tensor&, double)>("flux_attention::rms_norm");
-  return op.call(x, weight, eps);
+  return handles::rms_norm().call(x, weight, eps);
 }
 
 Tensor silu_mul_autograd(const Tensor& gate, const Tensor& up) {
   refuse_grad("silu_mul", {&gate, &up});
   at::AutoDispatchBelowADInplaceOrView below;
-  static const auto op = handle<Tensor(const Tensor&, const Tensor&)>("flux_attention::silu_mul");
-  return op.call(gate, up);
+  return handles::silu_mul().call(gate, up);
 }
 
 TensorPair rotary_embedding_autograd(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin) {
   refuse_grad("rotary_embedding", {&q, &k, &cos, &sin});
   at::AutoDispatchBelowADInplaceOrView below;
-  static const auto op = handle<TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
-      "flux_attention::rotary_embedding");
-  return op.call(q, k, cos, sin);
+  return handles::rotary_embedding().call(q, k, cos, sin);
 }
 
 }  // namespace flux_attention

@@ -62,4 +62,9 @@ FLUX_OP_HANDLE(gumbel_route_backward, "gumbel_route_backward",
 
 #undef FLUX_OP_HANDLE
 
+FLUX_OP_HANDLE(rms_norm, "rms_norm", Tensor(const Tensor&, const Tensor&, double))
+FLUX_OP_HANDLE(silu_mul, "silu_mul", Tensor(const Tensor&, const Tensor&))
+FLUX_OP_HANDLE(rotary_embedding, "rotary_embedding",
+               TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&))
+
 }  // namespace flux_attention::handles

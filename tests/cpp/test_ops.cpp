@@ -671,3 +671,32 @@ TEST_CASE("gumbel_route: seeded, and distributed as softmax(logits)", "[ops][gum
   CHECK(z[0].item<float>() == 1.0f);
   CHECK(z[1].item<float>() == 0.0f);
 }
+
+// ---- fused model ops ----
+
+TEST_CASE("rms_norm, silu_mul and rotary_embedding in fp64 against their formulas", "[ops][model_ops]") {
+  at::manual_seed(21);
+  const at::Tensor x = randn({5, 3, 40}, at::kDouble), w = randn({40}, at::kDouble);
+  const at::Tensor norm = flux_attention::rms_norm(x, w, 1e-5);
+  CHECK(max_abs_diff(norm, w * x * at::rsqrt(x.pow(2).mean(-1, true) + 1e-5)) <= 1e-12);
+
+  const at::Tensor g = randn({7, 33}, at::kDouble), u = randn({7, 33}, at::kDouble);
+  CHECK(max_abs_diff(flux_attention::silu_mul(g, u), g * at::sigmoid(g) * u) <= 1e-12);
+
+  // q as transformers hands it: a [B, H, S, D] view of [B, S, H, D].
+  const at::Tensor q = randn({2, 6, 4, 10}, at::kDouble).transpose(1, 2);
+  const at::Tensor k = randn({2, 6, 2, 10}, at::kDouble).transpose(1, 2);
+  const at::Tensor cos = randn({1, 6, 10}, at::kDouble), sin = randn({1, 6, 10}, at::kDouble);
+  const auto [qo, ko] = flux_attention::rotary_embedding(q, k, cos, sin);
+  auto rotate_half = [](const at::Tensor& t) {
+    return at::cat({-t.slice(-1, 5, 10), t.slice(-1, 0, 5)}, -1);
+  };
+  const at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);
+  CHECK(max_abs_diff(qo, q * c + rotate_half(q) * s) <= 1e-12);
+  CHECK(max_abs_diff(ko, k * c + rotate_half(k) * s) <= 1e-12);
+  CHECK(qo.strides() == q.strides());  // the layout is kept
+
+  // Inference kernels: an input that requires grad is refused, naming the op.
+  const at::Tensor xg = x.detach().clone().set_requires_grad(true);
+  REQUIRE_THROWS_WITH(flux_attention::rms_norm(xg, w), flux_test::HasText("rms_norm: an input requires grad"));
+}

@@ -60,11 +60,11 @@ FLUX_OP_HANDLE(gumbel_route_sample, "gumbel_route_sample",
 FLUX_OP_HANDLE(gumbel_route_backward, "gumbel_route_backward",
                Tensor(const Tensor&, const Tensor&, double))
 
-#undef FLUX_OP_HANDLE
-
 FLUX_OP_HANDLE(rms_norm, "rms_norm", Tensor(const Tensor&, const Tensor&, double))
 FLUX_OP_HANDLE(silu_mul, "silu_mul", Tensor(const Tensor&, const Tensor&))
 FLUX_OP_HANDLE(rotary_embedding, "rotary_embedding",
                TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&))
+
+#undef FLUX_OP_HANDLE
 
 }  // namespace flux_attention::handles

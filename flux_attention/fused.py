@@ -10,7 +10,9 @@ at least as accurate as the unfused code).
 
 What is patched, for the Llama family (Llama, Mistral, Qwen2, Qwen3; SmolLM2 is a Llama):
 
-- every ``*RMSNorm`` module of those models (including Qwen3's q/k norms): its ``forward``;
+- every ``*RMSNorm`` module of those models (including Qwen3's q/k norms): its ``forward``
+  (modules whose forward is already replaced on the instance, e.g. by accelerate's offloading
+  hooks, are left alone);
 - every ``*MLP`` with ``gate_proj``, ``up_proj``, ``down_proj`` and a SiLU ``act_fn``: its ``forward``
   (the three projections stay the model's own modules, so quantised or adapted linears still work);
 - the ``apply_rotary_pos_emb`` function of the model's modeling module. That is a module global, so
@@ -110,11 +112,14 @@ def fuse_ops(model: nn.Module) -> Dict[str, int]:
     for mod in model.modules():
         if not _family_module(mod):
             continue
-        if _is_norm(mod) and not hasattr(mod, "_flux_unfused_forward"):
+        # A module whose forward is already replaced on the instance (accelerate's offloading
+        # hooks, another patch) keeps it: fusing would bypass that wrapper.
+        patchable = "forward" not in vars(mod)
+        if patchable and _is_norm(mod):
             mod._flux_unfused_forward = mod.forward
             mod.forward = types.MethodType(_norm_forward, mod)
             counts["rms_norm"] += 1
-        elif _is_mlp(mod) and not hasattr(mod, "_flux_unfused_forward"):
+        elif patchable and _is_mlp(mod):
             mod._flux_unfused_forward = mod.forward
             mod.forward = types.MethodType(_mlp_forward, mod)
             counts["mlp"] += 1

@@ -295,3 +295,18 @@ def test_fused_rope_wrapper_falls_back_for_other_calls():
         assert out.grad_fn is not None
     finally:
         fa.unfuse_ops(model)
+
+
+def test_fuse_ops_leaves_instance_wrapped_modules_alone():
+    """A forward already replaced on the instance (accelerate's hooks do that) is neither fused nor
+    removed by unfuse_ops."""
+    import functools
+
+    model = tiny_model("llama", "cpu", FP32)
+    norm = model.model.norm
+    wrapper = functools.partial(type(norm).forward, norm)
+    norm.forward = wrapper
+    counts = fa.fuse_ops(model)
+    assert counts["rms_norm"] == 2 * 3 and norm.forward is wrapper
+    fa.unfuse_ops(model)
+    assert norm.forward is wrapper

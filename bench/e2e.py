@@ -828,6 +828,9 @@ def main(argv=None) -> int:
         return 1
     bench.guarded("plan", bench.run)
     bench.write()
+    # Back to the plain model: fuse_ops patches a module global of transformers (the rotary
+    # embedding), which must not outlive the run when main() is called from Python.
+    bench.guarded("restore the model", bench.use, "sdpa")
     return 0
 
 

@@ -12,7 +12,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #include "cuda_utils.cuh"
 #include "flux/model_ops.h"
@@ -20,46 +19,31 @@
 namespace flux {
 namespace {
 
-template <typename T>
-using Acc = float;  // fp16/bf16/fp32 inputs; fp64 is CPU only
-
-template <typename T>
-__device__ __forceinline__ Acc<T> to_acc(T x) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
-  else return x;
-}
-
-template <typename T>
-__device__ __forceinline__ T from_acc(Acc<T> x) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(x);
-  else return T(x);
-}
+// Element conversions: to_float / from_float of cuda_utils.cuh (the math is fp32 for every dtype).
 
 // kVec consecutive elements: one 16-byte access when kVec * sizeof(T) == 16, else kVec == 1.
 template <typename T, int kVec>
-__device__ __forceinline__ void load_vec(const T* ptr, Acc<T> (&out)[kVec]) {
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[kVec]) {
   static_assert(kVec == 1 || kVec * sizeof(T) == 16, "one element or 16 bytes");
   if constexpr (kVec == 1) {
-    out[0] = to_acc(ptr[0]);
+    out[0] = to_float(ptr[0]);
   } else {
     const uint4 u = *reinterpret_cast<const uint4*>(ptr);
     T v[kVec];
     memcpy(v, &u, sizeof(u));
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) out[e] = to_acc(v[e]);
+    for (int e = 0; e < kVec; ++e) out[e] = to_float(v[e]);
   }
 }
 
 template <typename T, int kVec>
-__device__ __forceinline__ void store_vec(T* ptr, const Acc<T> (&in)[kVec]) {
+__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[kVec]) {
   if constexpr (kVec == 1) {
-    ptr[0] = from_acc<T>(in[0]);
+    ptr[0] = from_float<T>(in[0]);
   } else {
     T v[kVec];
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) v[e] = from_acc<T>(in[e]);
+    for (int e = 0; e < kVec; ++e) v[e] = from_float<T>(in[e]);
     uint4 u;
     memcpy(&u, v, sizeof(u));
     *reinterpret_cast<uint4*>(ptr) = u;
@@ -91,10 +75,10 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const RmsNormPar
   T* out = static_cast<T*>(p.out) + (active ? row : 0) * p.out_row_stride;
   const int64_t chunks = p.cols / kVec;
 
-  Acc<T> ss = 0;
+  float ss = 0;
   if (active) {
     for (int64_t c = t; c < chunks; c += kRowThreads) {
-      Acc<T> v[kVec];
+      float v[kVec];
       load_vec<T, kVec>(x + c * kVec, v);
 #pragma unroll
       for (int e = 0; e < kVec; ++e) ss += v[e] * v[e];
@@ -104,7 +88,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const RmsNormPar
 #pragma unroll
   for (int off = kShuffleWidth / 2; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
   if constexpr (kRowThreads > 32) {
-    __shared__ Acc<T> partial[kNormThreads / 32];
+    __shared__ float partial[kNormThreads / 32];
     if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
     __syncthreads();
     ss = 0;
@@ -115,7 +99,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const RmsNormPar
   const float inv = rsqrtf(ss / float(p.cols) + p.eps);
 
   for (int64_t c = t; c < chunks; c += kRowThreads) {
-    Acc<T> v[kVec], g[kVec];
+    float v[kVec], g[kVec];
     load_vec<T, kVec>(x + c * kVec, v);
     load_vec<T, kVec>(w + c * kVec, g);
 #pragma unroll
@@ -162,7 +146,7 @@ __global__ void __launch_bounds__(kEltThreads) silu_mul_kernel(const SiluMulPara
   const int64_t chunks = p.n / kVec;
   for (int64_t c = int64_t(blockIdx.x) * kEltThreads + threadIdx.x; c < chunks;
        c += int64_t(gridDim.x) * kEltThreads) {
-    Acc<T> g[kVec], u[kVec];
+    float g[kVec], u[kVec];
     load_vec<T, kVec>(gate + c * kVec, g);
     load_vec<T, kVec>(up + c * kVec, u);
 #pragma unroll
@@ -215,14 +199,14 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
       src = static_cast<const T*>(p.k) + b * p.k_batch_stride + head * p.k_head_stride + s * p.k_row_stride;
       dst = static_cast<T*>(p.k_out) + b * p.ko_batch_stride + head * p.ko_head_stride + s * p.ko_row_stride;
     }
-    Acc<T> x1[kVec], x2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec];
+    float x1[kVec], x2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec];
     load_vec<T, kVec>(src + i0, x1);
     load_vec<T, kVec>(src + half + i0, x2);
     load_vec<T, kVec>(cos + i0, c1);
     load_vec<T, kVec>(cos + half + i0, c2);
     load_vec<T, kVec>(sin + i0, s1);
     load_vec<T, kVec>(sin + half + i0, s2);
-    Acc<T> o1[kVec], o2[kVec];
+    float o1[kVec], o2[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       o1[e] = x1[e] * c1[e] - x2[e] * s1[e];

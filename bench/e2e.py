@@ -8,8 +8,9 @@ heads, intermediate 14336, vocab 128256; random weights, bf16; no download). Con
 - ``flux_fa``: flux attention, every layer full attention (FA), FluxCache;
 - ``flux_saNN``: flux attention with NN % of the layers forced to sparse attention (SA: sink 128 +
   16 local blocks of 128), evenly spaced (``RouterConfig(force="fa", force_sparse_layers=...)``);
-- with ``--fused-ops``: the flux configurations also run transformers' RMSNorm, SiLU * up and
-  rotary embedding through ``flux_attention.fuse_ops``, and ``sdpa_fused`` (sdpa with the same
+- with ``--fused-ops``: the flux configurations also run transformers' RMSNorm, SiLU * up,
+  rotary embedding and, at decode, the linear layers through ``flux_attention.fuse_ops``
+  (``--no-decode-linears`` leaves the linears to cuBLAS), and ``sdpa_fused`` (sdpa with the same
   fused ops) joins as a second anchor, so that the table separates what routing gains from what the
   fused ops gain. Speedups stay against plain ``sdpa``.
 
@@ -225,7 +226,7 @@ class Bench:
                 force="fa", force_sparse_layers=self.sa_layers(config), **self.pattern))
             self.model.eval()
         if config == "sdpa_fused" or (self.args.fused_ops and not is_sdpa(config)):
-            fa.fuse_ops(self.model)
+            fa.fuse_ops(self.model, decode_linears=self.args.decode_linears)
         self.current = config
 
     def new_cache(self, config: str, reserve: int):
@@ -766,7 +767,9 @@ def parse(argv=None):
     ap.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per measurement")
     ap.add_argument("--no-largest", action="store_true", help="skip the largest-batch search")
     ap.add_argument("--fused-ops", action="store_true", help="flux configs also use flux_attention.fuse_ops "
-                    "(fused RMSNorm, SiLU * up, rotary embedding); adds the sdpa_fused anchor")
+                    "(fused RMSNorm, SiLU * up, rotary embedding, decode linears); adds the sdpa_fused anchor")
+    ap.add_argument("--decode-linears", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --fused-ops: fuse_ops(decode_linears=...), the decode-step linear kernels")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="also decode by replaying a CUDA graph of the step (flux configs, CUDA)")
     ap.add_argument("--attn-tflops", type=float, default=650.0, help="attention rate of the floor")

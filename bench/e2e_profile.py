@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-batch", type=int, default=4, help="0: no decode profile")
     ap.add_argument("--fused-ops", action="store_true", help="flux configs (and sdpa_fused) use "
                     "flux_attention.fuse_ops")
+    ap.add_argument("--decode-linears", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --fused-ops: fuse_ops(decode_linears=...)")
     ap.add_argument("--decode-steps", type=int, default=4)
     ap.add_argument("--name", default="e2e_profile_h200")
     ap.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"))
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
 
     e2e.LLAMA_8B = {**e2e.LLAMA_8B, "num_hidden_layers": args.layers}
     bench_args = e2e.parse(["--lengths", str(args.length), "--configs", ",".join(["sdpa"] + args.configs),
-                            "--no-largest", "--out-dir", ""] + (["--fused-ops"] if args.fused_ops else []))
+                            "--no-largest", "--out-dir", ""] + (["--fused-ops"] if args.fused_ops else [])
+                           + ([] if args.decode_linears else ["--no-decode-linears"]))
     bench = e2e.Bench(bench_args)
     bench.build()
     n_layers = args.layers

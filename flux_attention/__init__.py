@@ -14,6 +14,8 @@ from .fused import fuse_ops, unfuse_ops
 from .ops import (
     append_kv,
     decode_attention,
+    decode_linear,
+    decode_swiglu,
     flux_attention,
     full_attention,
     gumbel_route,
@@ -58,6 +60,8 @@ __all__ = [
     "append_kv",
     "build_info",
     "decode_attention",
+    "decode_linear",
+    "decode_swiglu",
     "flux_attention",
     "full_attention",
     "gumbel_route",

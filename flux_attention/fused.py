@@ -16,7 +16,13 @@ What is patched, for the Llama family (Llama, Mistral, Qwen2, Qwen3; SmolLM2 is 
 - every ``*MLP`` with ``gate_proj``, ``up_proj``, ``down_proj`` and a SiLU ``act_fn``: its ``forward``
   (the three projections stay the model's own modules, so quantised or adapted linears still work);
 - the ``apply_rotary_pos_emb`` function of the model's modeling module. That is a module global, so
-  it applies to every model of that class in the process; it computes the same function.
+  it applies to every model of that class in the process; it computes the same function;
+- at decode (CUDA inputs with 1-8 token rows), the model's plain ``nn.Linear`` layers (q/k/v/o,
+  down_proj, lm_head) run ``decode_linear`` and the MLP's gate and up projections run
+  ``decode_swiglu`` with the SiLU fused in: weight streams at HBM bandwidth where cuBLAS's
+  small-M kernels read the smaller matrices at 0.8-3 TB/s (docs/perf_notes.md "Decode linear
+  layers"). ``decode_linears=False`` leaves linears to cuBLAS. Subclasses of ``nn.Linear``
+  (quantised, LoRA) are never patched.
 
 Each fused forward is used only where it is exact in meaning: inference (no gradient needed:
 ``torch.no_grad()``, or inputs that do not require grad), dtypes the kernels support, the layouts
@@ -65,7 +71,27 @@ def _norm_forward(self, hidden_states: Tensor) -> Tensor:
     return self._flux_unfused_forward(hidden_states)
 
 
+def _decode_rows(x: Tensor) -> bool:
+    """CUDA input with 1-8 token rows (the product of its leading dimensions): decode's domain."""
+    return x.is_cuda and x.dim() >= 1 and x.shape[-1] > 0 and 0 < x.numel() <= 8 * x.shape[-1]
+
+
+def _plain_linear(mod) -> bool:
+    return type(mod) is nn.Linear  # not a subclass: quantised or adapted linears keep their forward
+
+
+def _linear_forward(self, x: Tensor) -> Tensor:
+    if _decode_rows(x) and _fusable(x, self.weight, *(() if self.bias is None else (self.bias,))):
+        return ops.decode_linear(x, self.weight, self.bias)
+    return self._flux_unfused_forward(x)
+
+
 def _mlp_forward(self, x: Tensor) -> Tensor:
+    if (getattr(self, "_flux_decode_swiglu", False) and _decode_rows(x)
+            and self.gate_proj.bias is None and self.up_proj.bias is None
+            and self.gate_proj.weight.shape == self.up_proj.weight.shape
+            and _fusable(x, self.gate_proj.weight, self.up_proj.weight)):
+        return self.down_proj(ops.decode_swiglu(x, self.gate_proj.weight, self.up_proj.weight))
     gate, up = self.gate_proj(x), self.up_proj(x)
     if _fusable(gate, up):
         return self.down_proj(ops.silu_mul(gate, up))
@@ -102,16 +128,22 @@ def _make_rope(original):
     return apply_rotary_pos_emb
 
 
-def fuse_ops(model: nn.Module) -> Dict[str, int]:
-    """Route ``model``'s RMSNorms, SwiGLU MLPs and rotary embedding through the fused kernels
-    (inference only; see the module docstring). Idempotent. Returns how many of each it patched:
-    ``{"rms_norm": n, "mlp": n, "rope": n}`` (rope: modeling modules). Models outside the Llama
-    family are left as they are (all counts 0)."""
-    counts = {"rms_norm": 0, "mlp": 0, "rope": 0}
+def fuse_ops(model: nn.Module, *, decode_linears: bool = True) -> Dict[str, int]:
+    """Route ``model``'s RMSNorms, SwiGLU MLPs and rotary embedding, and at decode its linear
+    layers, through the fused kernels (inference only; see the module docstring). Idempotent.
+    Returns how many of each it patched: ``{"rms_norm": n, "mlp": n, "rope": n, "linear": n}``
+    (rope: modeling modules). Models outside the Llama family are left as they are (all 0)."""
+    counts = {"rms_norm": 0, "mlp": 0, "rope": 0, "linear": 0}
     rope_modules = set()
     for mod in model.modules():
         if not _family_module(mod):
             continue
+        if decode_linears:
+            for child in mod.children():
+                if _plain_linear(child) and "forward" not in vars(child):
+                    child._flux_unfused_forward = child.forward
+                    child.forward = types.MethodType(_linear_forward, child)
+                    counts["linear"] += 1
         # A module whose forward is already replaced on the instance (accelerate's offloading
         # hooks, another patch) keeps it: fusing would bypass that wrapper.
         patchable = "forward" not in vars(mod)
@@ -122,6 +154,8 @@ def fuse_ops(model: nn.Module) -> Dict[str, int]:
         elif patchable and _is_mlp(mod):
             mod._flux_unfused_forward = mod.forward
             mod.forward = types.MethodType(_mlp_forward, mod)
+            mod._flux_decode_swiglu = (decode_linears and _plain_linear(mod.gate_proj)
+                                       and _plain_linear(mod.up_proj))
             counts["mlp"] += 1
         modeling = sys.modules.get(type(mod).__module__)
         if modeling is not None and callable(getattr(modeling, "apply_rotary_pos_emb", None)):
@@ -146,6 +180,8 @@ def unfuse_ops(model: nn.Module) -> None:
         if hasattr(mod, "_flux_unfused_forward"):
             del mod.forward  # the instance attribute; the class's forward shows again
             del mod._flux_unfused_forward
+        if hasattr(mod, "_flux_decode_swiglu"):
+            del mod._flux_decode_swiglu
     for name in getattr(model, "_flux_fused_rope", None) or ():
         entry = _ROPE_ORIGINALS.get(name)
         if entry is None:

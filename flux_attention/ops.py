@@ -39,6 +39,8 @@ __all__ = [
     "rms_norm",
     "silu_mul",
     "rotary_embedding",
+    "decode_linear",
+    "decode_swiglu",
 ]
 
 
@@ -319,3 +321,18 @@ def rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Te
     q's and k's memory layouts (a ``[B, H, S, D]`` view of ``[B, S, H, D]`` memory stays one), so
     attention reads them without a transposing copy. Inference only."""
     return _ops.rotary_embedding(q, k, cos, sin)
+
+
+def decode_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ weight.T + bias`` for decode's few token rows: ``x [..., in]`` with at most 8 rows (the
+    product of its leading dimensions), ``weight [out, in]`` (nn.Linear's layout), ``bias [out]``,
+    one dtype. A stream of the weight at HBM bandwidth, fp32 accumulation, one rounding. Inference
+    only; for more rows use ``torch.nn.functional.linear``."""
+    return _ops.decode_linear(x, weight, bias)
+
+
+def decode_swiglu(x: Tensor, gate_weight: Tensor, up_weight: Tensor) -> Tensor:
+    """``silu(x @ gate_weight.T) * (x @ up_weight.T)`` (the SwiGLU MLP before its down projection)
+    for at most 8 token rows, in one pass over both weights; gate and up never reach memory.
+    Inference only."""
+    return _ops.decode_swiglu(x, gate_weight, up_weight)

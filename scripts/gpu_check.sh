@@ -72,7 +72,7 @@ if [ $SANITIZER = 1 ] && command -v compute-sanitizer >/dev/null; then
 fi
 
 if [ $BENCH = 1 ]; then
-  for b in bench/attention.py bench/decode.py; do
+  for b in bench/attention.py bench/decode.py bench/decode_linear.py; do
     [ -f "$b" ] && step "bench_$(basename "$b" .py)" $PY "$b" $([ $QUICK = 1 ] && echo --quick) --out-dir "$OUT"
   done
 fi

@@ -71,6 +71,12 @@ def run(small: bool) -> None:
             kr = torch.randn(2, 33, hk, d, device=dev, dtype=dt).transpose(1, 2)
             cs = torch.randn(1, 33, d, device=dev, dtype=dt)
             fa.rotary_embedding(qr, kr, cs, cs)
+        # decode linears: 16-byte and element paths, every row capacity, a partial last block
+        for rows, k, n in ((1, 4096, 1030), (3, 1001, 70), (4, 512, 33), (8, 136, 5)):
+            x = torch.randn(rows, k, device=dev, dtype=dt)
+            w = torch.randn(n, k, device=dev, dtype=dt)
+            fa.decode_linear(x, w, torch.randn(n, device=dev, dtype=dt))
+            fa.decode_swiglu(x, w, w)
     torch.cuda.synchronize()
     print("sanitizer cases ran")
 

@@ -91,6 +91,33 @@ void rope_as(const RopeParams& p) {
   });
 }
 
+template <typename T>
+void decode_linear_as(const DecodeLinearParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* w = static_cast<const T*>(p.weight);
+  const T* up = static_cast<const T*>(p.up);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* out = static_cast<T*>(p.out);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, p.in_features));
+  at::parallel_for(0, p.out_features, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t f = begin; f < end; ++f) {
+      const T* wf = w + f * p.weight_row_stride;
+      const T* uf = up ? up + f * p.weight_row_stride : nullptr;
+      for (int r = 0; r < p.rows; ++r) {
+        const T* xr = x + r * p.x_row_stride;
+        Acc<T> g = 0, u = 0;
+        for (int64_t k = 0; k < p.in_features; ++k) {
+          g += Acc<T>(xr[k]) * Acc<T>(wf[k]);
+          if (uf) u += Acc<T>(xr[k]) * Acc<T>(uf[k]);
+        }
+        Acc<T> y = uf ? g / (Acc<T>(1) + std::exp(-g)) * u : g;
+        if (bias) y += Acc<T>(bias[f]);
+        out[r * p.out_row_stride + f] = T(y);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void rms_norm(const RmsNormParams& params) {
@@ -103,6 +130,10 @@ void silu_mul(const SiluMulParams& params) {
 
 void rotary_embedding(const RopeParams& params) {
   for_dtype(params.dtype, [&](auto tag) { rope_as<decltype(tag)>(params); });
+}
+
+void decode_linear(const DecodeLinearParams& params) {
+  for_dtype(params.dtype, [&](auto tag) { decode_linear_as<decltype(tag)>(params); });
 }
 
 }  // namespace flux::cpu

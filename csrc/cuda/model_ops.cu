@@ -11,51 +11,15 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "cuda_utils.cuh"
 #include "flux/model_ops.h"
+#include "vec_io.cuh"
 
 namespace flux {
 namespace {
 
-// Element conversions: to_float / from_float of cuda_utils.cuh (the math is fp32 for every dtype).
-
-// kVec consecutive elements: one 16-byte access when kVec * sizeof(T) == 16, else kVec == 1.
-template <typename T, int kVec>
-__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[kVec]) {
-  static_assert(kVec == 1 || kVec * sizeof(T) == 16, "one element or 16 bytes");
-  if constexpr (kVec == 1) {
-    out[0] = to_float(ptr[0]);
-  } else {
-    const uint4 u = *reinterpret_cast<const uint4*>(ptr);
-    T v[kVec];
-    memcpy(v, &u, sizeof(u));
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) out[e] = to_float(v[e]);
-  }
-}
-
-template <typename T, int kVec>
-__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[kVec]) {
-  if constexpr (kVec == 1) {
-    ptr[0] = from_float<T>(in[0]);
-  } else {
-    T v[kVec];
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) v[e] = from_float<T>(in[e]);
-    uint4 u;
-    memcpy(&u, v, sizeof(u));
-    *reinterpret_cast<uint4*>(ptr) = u;
-  }
-}
-
-template <typename T>
-constexpr int vec_of() {
-  return int(16 / sizeof(T));
-}
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+// Element I/O: load_vec / store_vec of vec_io.cuh (fp32 math for every dtype).
 
 // ---- RMSNorm ------------------------------------------------------------------------------------
 

@@ -92,4 +92,12 @@ std::tuple<Tensor, Tensor> rotary_embedding(const Tensor& q, const Tensor& k, co
   return handles::rotary_embedding().call(q, k, cos, sin);
 }
 
+Tensor decode_linear(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  return handles::decode_linear().call(x, weight, bias);
+}
+
+Tensor decode_swiglu(const Tensor& x, const Tensor& gate_weight, const Tensor& up_weight) {
+  return handles::decode_swiglu().call(x, gate_weight, up_weight);
+}
+
 }  // namespace flux_attention

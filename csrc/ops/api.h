@@ -83,5 +83,10 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
 // the outputs keep q's and k's memory layouts.
 std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& cos, const at::Tensor& sin);
+// Linear layers at 1-8 token rows (decode): x [..., in] times weight [out, in]^T (+ bias [out]);
+// decode_swiglu: silu(x gate^T) * (x up^T). fp32 accumulation, one rounding.
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias = std::nullopt);
+at::Tensor decode_swiglu(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& up_weight);
 
 }  // namespace flux_attention

@@ -6,6 +6,8 @@
 #include <ATen/core/grad_mode.h>
 
 #include <cmath>
+#include <optional>
+#include <vector>
 
 #include "device.h"
 #include "flux/model_ops.h"
@@ -160,6 +162,111 @@ TensorPair rotary_embedding_kernel(const Tensor& q_in, const Tensor& k_in, const
   return {q_out, k_out};
 }
 
+namespace {
+
+// x [..., in] as a [rows, in] view with unit column stride; weight [out, in] likewise.
+struct LinearShapes {
+  Tensor x, weight;
+  int64_t rows = 0, in_features = 0, out_features = 0;
+};
+
+LinearShapes check_decode_linear(const char* op, const Tensor& x_in, const char* weight_name,
+                                 const Tensor& weight_in) {
+  checks::check_defined(op, "x", x_in);
+  checks::kernel_dtype(op, "x", x_in);
+  check_float_pair(op, weight_name, weight_in, "x", x_in);
+  FLUX_CHECK(x_in.dim() >= 1, op, "x must have at least one dimension ([..., in_features]); got ",
+             describe(x_in));
+  FLUX_CHECK(weight_in.dim() == 2 && weight_in.size(1) == x_in.size(-1), op, weight_name,
+             " must be [out_features, ", x_in.size(-1), "] (nn.Linear's layout; x's last dimension); got ",
+             describe(weight_in));
+  LinearShapes s;
+  s.in_features = x_in.size(-1);
+  s.out_features = weight_in.size(0);
+  s.rows = 1;
+  for (int64_t d = 0; d + 1 < x_in.dim(); ++d) s.rows *= x_in.size(d);
+  FLUX_CHECK(s.rows <= flux::kDecodeLinearMaxRows, op, "x has ", s.rows,
+             " token rows (the product of its leading dimensions); this decode kernel takes at most ",
+             flux::kDecodeLinearMaxRows, ". Use torch.nn.functional.linear for more rows");
+  FLUX_CHECK(s.out_features <= (int64_t(1) << 31), op, weight_name, " has more than 2^31 rows: ",
+             describe(weight_in));
+  s.x = checks::unit_last_stride(x_in).reshape({s.rows, s.in_features});
+  s.weight = checks::unit_last_stride(weight_in);
+  return s;
+}
+
+std::vector<int64_t> linear_out_shape(const Tensor& x, int64_t out_features) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return shape;
+}
+
+Tensor run_decode_linear(const char* op, const LinearShapes& s, const Tensor& up, const Tensor& bias,
+                         std::vector<int64_t> out_shape) {
+  Tensor out = at::empty({s.rows, s.out_features}, s.x.options());
+  if (out.numel() > 0 && s.in_features == 0) {
+    // An empty sum: the bias alone (silu(0) * 0 = 0 for SwiGLU).
+    if (bias.defined()) out.copy_(bias.expand_as(out));
+    else out.zero_();
+  } else if (out.numel() > 0) {
+    flux::DecodeLinearParams p;
+    p.dtype = checks::kernel_dtype(op, "x", s.x);
+    p.x = s.x.data_ptr();
+    p.weight = s.weight.data_ptr();
+    p.up = up.defined() ? up.data_ptr() : nullptr;
+    p.bias = bias.defined() ? bias.data_ptr() : nullptr;
+    p.out = out.data_ptr();
+    p.rows = int(s.rows);
+    p.in_features = s.in_features;
+    p.out_features = s.out_features;
+    p.x_row_stride = s.x.stride(0);
+    p.weight_row_stride = s.weight.stride(0);
+    p.out_row_stride = s.out_features;
+    if (s.x.device().is_cpu()) {
+      flux::cpu::decode_linear(p);
+    } else {
+#ifdef FLUX_WITH_CUDA
+      if (!s.x.device().is_cuda()) fail_no_kernel(op, s.x);
+      run_cuda(op, s.x, [&](cudaStream_t stream) { return flux::run_decode_linear(p, stream); });
+#else
+      fail_no_kernel(op, s.x);
+#endif
+    }
+  }
+  return out.view(out_shape);
+}
+
+}  // namespace
+
+Tensor decode_linear_kernel(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias_in) {
+  const char* op = "decode_linear";
+  const LinearShapes s = check_decode_linear(op, x, "weight", weight);
+  Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_float_pair(op, "bias", *bias_in, "x", x);
+    FLUX_CHECK(bias_in->dim() == 1 && bias_in->size(0) == s.out_features, op, "bias must be [",
+               s.out_features, "] (weight's out_features); got ", describe(*bias_in));
+    bias = bias_in->contiguous();
+  }
+  return run_decode_linear(op, s, Tensor(), bias, linear_out_shape(x, s.out_features));
+}
+
+Tensor decode_swiglu_kernel(const Tensor& x, const Tensor& gate_weight, const Tensor& up_weight) {
+  const char* op = "decode_swiglu";
+  const LinearShapes s = check_decode_linear(op, x, "gate_weight", gate_weight);
+  check_float_pair(op, "up_weight", up_weight, "x", x);
+  FLUX_CHECK(up_weight.sizes() == gate_weight.sizes(), op, "up_weight must have gate_weight's shape ",
+             describe(gate_weight), "; got ", describe(up_weight));
+  // The kernel reads up with gate's row stride: both as they are when their strides agree.
+  LinearShapes sc = s;
+  Tensor up = checks::unit_last_stride(up_weight);
+  if (up.strides() != s.weight.strides()) {
+    sc.weight = s.weight.contiguous();
+    up = up.contiguous();
+  }
+  return run_decode_linear(op, sc, up, Tensor(), linear_out_shape(x, s.out_features));
+}
+
 // ---- meta ----------------------------------------------------------------------------------------
 
 Tensor rms_norm_meta(const Tensor& x, const Tensor&, double) {
@@ -172,6 +279,18 @@ Tensor silu_mul_meta(const Tensor& gate, const Tensor&) {
 
 TensorPair rotary_embedding_meta(const Tensor& q, const Tensor& k, const Tensor&, const Tensor&) {
   return {at::empty_like(q), at::empty_like(k)};
+}
+
+Tensor decode_linear_meta(const Tensor& x, const Tensor& weight, const std::optional<Tensor>&) {
+  auto shape = x.sym_sizes().vec();
+  shape.back() = weight.sym_size(0);
+  return at::empty_symint(shape, x.options());
+}
+
+Tensor decode_swiglu_meta(const Tensor& x, const Tensor& gate_weight, const Tensor&) {
+  auto shape = x.sym_sizes().vec();
+  shape.back() = gate_weight.sym_size(0);
+  return at::empty_symint(shape, x.options());
 }
 
 // ---- autograd guard ------------------------------------------------------------------------------
@@ -206,6 +325,18 @@ TensorPair rotary_embedding_autograd(const Tensor& q, const Tensor& k, const Ten
   refuse_grad("rotary_embedding", {&q, &k, &cos, &sin});
   at::AutoDispatchBelowADInplaceOrView below;
   return handles::rotary_embedding().call(q, k, cos, sin);
+}
+
+Tensor decode_linear_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+  refuse_grad("decode_linear", {&x, &weight, bias.has_value() ? &*bias : &x});
+  at::AutoDispatchBelowADInplaceOrView below;
+  return handles::decode_linear().call(x, weight, bias);
+}
+
+Tensor decode_swiglu_autograd(const Tensor& x, const Tensor& gate_weight, const Tensor& up_weight) {
+  refuse_grad("decode_swiglu", {&x, &gate_weight, &up_weight});
+  at::AutoDispatchBelowADInplaceOrView below;
+  return handles::decode_swiglu().call(x, gate_weight, up_weight);
 }
 
 }  // namespace flux_attention

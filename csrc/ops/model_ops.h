@@ -1,5 +1,6 @@
 #pragma once
 
+#include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -11,12 +12,17 @@ at::Tensor rms_norm_kernel(const at::Tensor& x, const at::Tensor& weight, double
 at::Tensor silu_mul_kernel(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> rotary_embedding_kernel(const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor decode_linear_kernel(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias);
+at::Tensor decode_swiglu_kernel(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& up_weight);
 
 // Meta: output shapes for torch.compile / fake tensors.
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor silu_mul_meta(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> rotary_embedding_meta(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+at::Tensor decode_swiglu_meta(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& up_weight);
 
 // Autograd: these are inference kernels without a backward. Under grad mode with an input that
 // requires grad they raise (naming the fix) instead of returning outputs that cannot backpropagate;
@@ -25,5 +31,9 @@ at::Tensor rms_norm_autograd(const at::Tensor& x, const at::Tensor& weight, doub
 at::Tensor silu_mul_autograd(const at::Tensor& gate, const at::Tensor& up);
 std::tuple<at::Tensor, at::Tensor> rotary_embedding_autograd(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor decode_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias);
+at::Tensor decode_swiglu_autograd(const at::Tensor& x, const at::Tensor& gate_weight,
+                                  const at::Tensor& up_weight);
 
 }  // namespace flux_attention

@@ -64,6 +64,8 @@ FLUX_OP_HANDLE(rms_norm, "rms_norm", Tensor(const Tensor&, const Tensor&, double
 FLUX_OP_HANDLE(silu_mul, "silu_mul", Tensor(const Tensor&, const Tensor&))
 FLUX_OP_HANDLE(rotary_embedding, "rotary_embedding",
                TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&))
+FLUX_OP_HANDLE(decode_linear, "decode_linear", Tensor(const Tensor&, const Tensor&, const OptTensor&))
+FLUX_OP_HANDLE(decode_swiglu, "decode_swiglu", Tensor(const Tensor&, const Tensor&, const Tensor&))
 
 #undef FLUX_OP_HANDLE
 

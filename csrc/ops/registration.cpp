@@ -63,6 +63,9 @@ TORCH_LIBRARY(flux_attention, m) {
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor", tags);
   m.def("rotary_embedding(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)",
         tags);
+  // Linear layers at decode's 1-8 token rows: weight streams (csrc/cuda/decode_linear.cu).
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", tags);
+  m.def("decode_swiglu(Tensor x, Tensor gate_weight, Tensor up_weight) -> Tensor", tags);
 }
 
 #define FLUX_REGISTER_DEVICE_KERNELS(m)                                  \
@@ -76,7 +79,9 @@ TORCH_LIBRARY(flux_attention, m) {
   m.impl("pool_queries_backward", &flux_attention::pool_queries_backward_kernel); \
   m.impl("rms_norm", &flux_attention::rms_norm_kernel);                 \
   m.impl("silu_mul", &flux_attention::silu_mul_kernel);                 \
-  m.impl("rotary_embedding", &flux_attention::rotary_embedding_kernel)
+  m.impl("rotary_embedding", &flux_attention::rotary_embedding_kernel);         \
+  m.impl("decode_linear", &flux_attention::decode_linear_kernel);       \
+  m.impl("decode_swiglu", &flux_attention::decode_swiglu_kernel)
 
 TORCH_LIBRARY_IMPL(flux_attention, CPU, m) { FLUX_REGISTER_DEVICE_KERNELS(m); }
 
@@ -96,6 +101,8 @@ TORCH_LIBRARY_IMPL(flux_attention, Meta, m) {
   m.impl("rms_norm", &flux_attention::rms_norm_meta);
   m.impl("silu_mul", &flux_attention::silu_mul_meta);
   m.impl("rotary_embedding", &flux_attention::rotary_embedding_meta);
+  m.impl("decode_linear", &flux_attention::decode_linear_meta);
+  m.impl("decode_swiglu", &flux_attention::decode_swiglu_meta);
 }
 
 // gumbel_route is a handful of ATen ops on [B, 2]: one composite kernel serves every backend.
@@ -114,4 +121,6 @@ TORCH_LIBRARY_IMPL(flux_attention, Autograd, m) {
   m.impl("rms_norm", &flux_attention::rms_norm_autograd);
   m.impl("silu_mul", &flux_attention::silu_mul_autograd);
   m.impl("rotary_embedding", &flux_attention::rotary_embedding_autograd);
+  m.impl("decode_linear", &flux_attention::decode_linear_autograd);
+  m.impl("decode_swiglu", &flux_attention::decode_swiglu_autograd);
 }

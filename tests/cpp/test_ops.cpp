@@ -700,3 +700,15 @@ TEST_CASE("rms_norm, silu_mul and rotary_embedding in fp64 against their formula
   const at::Tensor xg = x.detach().clone().set_requires_grad(true);
   REQUIRE_THROWS_WITH(flux_attention::rms_norm(xg, w), flux_test::HasText("rms_norm: an input requires grad"));
 }
+
+TEST_CASE("decode_linear and decode_swiglu in fp64 against matmuls", "[ops][model_ops]") {
+  at::manual_seed(22);
+  const at::Tensor x = randn({3, 1, 40}, at::kDouble), w = randn({9, 40}, at::kDouble);
+  const at::Tensor b = randn({9}, at::kDouble), up = randn({9, 40}, at::kDouble);
+  CHECK(max_abs_diff(flux_attention::decode_linear(x, w, b), at::matmul(x, w.t()) + b) <= 1e-12);
+  const at::Tensor gate = at::matmul(x, w.t());
+  CHECK(max_abs_diff(flux_attention::decode_swiglu(x, w, up), gate * at::sigmoid(gate) * at::matmul(x, up.t())) <=
+        1e-12);
+  REQUIRE_THROWS_WITH(flux_attention::decode_linear(randn({9, 40}, at::kDouble), w),
+                      flux_test::HasText("decode_linear: x has 9 token rows"));
+}

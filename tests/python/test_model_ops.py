@@ -1,5 +1,5 @@
-"""The fused model ops (rms_norm, silu_mul, rotary_embedding) against float64 references written
-as transformers writes them, and fuse_ops on real transformers models."""
+"""The fused model ops (rms_norm, silu_mul, rotary_embedding, decode_linear, decode_swiglu) against
+float64 references written as transformers writes them, and fuse_ops on real transformers models."""
 
 import pytest
 import torch
@@ -151,6 +151,83 @@ def test_rotary_embedding_contiguous_and_strided(device):
     assert_matches("rope strided k", ko, want_k, lambda: rope_ref(q, k, cos, sin, BF16)[1], BF16)
 
 
+# ---- decode_linear / decode_swiglu --------------------------------------------------------------------
+
+
+def linear_ref(x, w, b=None, dtype=FP64):
+    if dtype == FP64:
+        x, w, b = x.double(), w.double(), None if b is None else b.double()
+    return torch.nn.functional.linear(x, w, b)
+
+
+def swiglu_ref(x, wg, wu, dtype=FP64):
+    if dtype == FP64:
+        x, wg, wu = x.double(), wg.double(), wu.double()
+    return torch.nn.functional.silu(torch.nn.functional.linear(x, wg)) * torch.nn.functional.linear(x, wu)
+
+
+# (leading shape of x, in_features, out_features): 1-8 token rows; in_features a multiple of 8
+# (16-byte path) or not (element path); out_features not a multiple of the block's 4 features.
+LINEAR_CASES = [((1,), 64, 33), ((3,), 1000, 70), ((2, 1), 4096, 1030), ((8,), 136, 5), ((5,), 1001, 18),
+                ((4, 1, 1), 512, 4)]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("lead,k,n", LINEAR_CASES, ids=lambda c: str(c))
+def test_decode_linear_matches_reference(device, lead, k, n):
+    for dtype in dtypes_for(device):
+        x = randn(*lead, k, dtype=dtype, device=device)
+        w = randn(n, k, dtype=dtype, device=device) / k ** 0.5
+        for b in (None, randn(n, dtype=dtype, device=device)):
+            out = fa.decode_linear(x, w, b)
+            assert out.shape == (*lead, n) and out.dtype == dtype and out.is_contiguous()
+            assert_matches(f"decode_linear {lead} {k}x{n} {dtype} bias={b is not None}", out,
+                           linear_ref(x, w, b), lambda: linear_ref(x, w, b, dtype), dtype)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("lead,k,n", LINEAR_CASES[:4], ids=lambda c: str(c))
+def test_decode_swiglu_matches_reference(device, lead, k, n):
+    for dtype in dtypes_for(device):
+        x = randn(*lead, k, dtype=dtype, device=device)
+        wg = randn(n, k, dtype=dtype, device=device) * (3 / k ** 0.5)
+        wu = randn(n, k, dtype=dtype, device=device) / k ** 0.5
+        out = fa.decode_swiglu(x, wg, wu)
+        assert out.shape == (*lead, n) and out.dtype == dtype
+        assert_matches(f"decode_swiglu {lead} {k}x{n} {dtype}", out, swiglu_ref(x, wg, wu),
+                       lambda: swiglu_ref(x, wg, wu, dtype), dtype)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("pad", [8, 3])  # 16-byte aligned rows and not
+def test_decode_linear_strided_operands(device, pad):
+    """x rows and weight rows inside NaN-padded buffers (a kernel that ignores a row stride or reads
+    past a row returns NaN); the up weight with strides other than the gate's (copied)."""
+    for dtype in (BF16, FP32):
+        x = poisoned_view((4, 256), dtype, device, pad)
+        w = poisoned_view((40, 256), dtype, device, pad)
+        b = randn(40, dtype=dtype, device=device)
+        assert_matches("decode_linear strided", fa.decode_linear(x, w, b), linear_ref(x, w, b),
+                       lambda: linear_ref(x, w, b, dtype), dtype)
+        wu = randn(40, 256, dtype=dtype, device=device)
+        assert_matches("decode_swiglu strided", fa.decode_swiglu(x, w, wu), swiglu_ref(x, w, wu),
+                       lambda: swiglu_ref(x, w, wu, dtype), dtype)
+        wt = randn(256, 40, dtype=dtype, device=device).t()  # column-major weight: copied to rows
+        assert_matches("decode_linear transposed weight", fa.decode_linear(x, wt), linear_ref(x, wt),
+                       lambda: linear_ref(x, wt, None, dtype), dtype)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_decode_linear_empty_shapes(device):
+    x = randn(3, 0, dtype=FP32, device=device)
+    b = randn(6, dtype=FP32, device=device)
+    assert torch.equal(fa.decode_linear(x, torch.empty(6, 0, device=device), b), b.expand(3, 6))
+    assert torch.equal(fa.decode_swiglu(x, torch.empty(6, 0, device=device), torch.empty(6, 0, device=device)),
+                       torch.zeros(3, 6, device=device))
+    assert fa.decode_linear(randn(0, 8, dtype=FP32, device=device), torch.ones(6, 8, device=device)).shape == (0, 6)
+    assert fa.decode_linear(randn(2, 8, dtype=FP32, device=device), torch.ones(0, 8, device=device)).shape == (2, 0)
+
+
 # ---- errors -------------------------------------------------------------------------------------------
 
 
@@ -176,6 +253,17 @@ def test_model_op_errors_name_the_argument():
         fa.rotary_embedding(q, k[:, :, :2], cos, cos)
     with pytest.raises(RuntimeError, match="rotary_embedding: sin must have cos's shape"):
         fa.rotary_embedding(q, k, cos, cos[:1, :1])
+    w = torch.randn(5, 8)
+    with pytest.raises(RuntimeError, match="decode_linear: x has 9 token rows .* at most 8"):
+        fa.decode_linear(torch.randn(3, 3, 8), w)
+    with pytest.raises(RuntimeError, match=r"decode_linear: weight must be \[out_features, 8\]"):
+        fa.decode_linear(x, torch.randn(5, 7))
+    with pytest.raises(RuntimeError, match=r"decode_linear: bias must be \[5\]"):
+        fa.decode_linear(x, w, torch.randn(4))
+    with pytest.raises(RuntimeError, match="decode_linear: weight must have the dtype of x"):
+        fa.decode_linear(x, w.double())
+    with pytest.raises(RuntimeError, match="decode_swiglu: up_weight must have gate_weight's shape"):
+        fa.decode_swiglu(x, w, torch.randn(6, 8))
 
 
 def test_model_ops_refuse_grad_and_run_without_it():
@@ -189,6 +277,10 @@ def test_model_ops_refuse_grad_and_run_without_it():
         assert not fa.rms_norm(x, w).requires_grad
     with torch.inference_mode():
         fa.silu_mul(x.detach(), x.detach())
+    with pytest.raises(RuntimeError, match="decode_linear: an input requires grad"):
+        fa.decode_linear(x, torch.ones(4, 16))
+    with pytest.raises(RuntimeError, match="decode_swiglu: an input requires grad"):
+        fa.decode_swiglu(x.detach(), torch.ones(4, 16, requires_grad=True), torch.ones(4, 16))
 
 
 def test_model_ops_meta_shapes():
@@ -199,6 +291,9 @@ def test_model_ops_meta_shapes():
     cos = torch.empty(2, 5, 64, device="meta", dtype=BF16)
     qo, ko = fa.rotary_embedding(q, q, cos, cos)
     assert qo.shape == q.shape and ko.shape == q.shape
+    w = torch.empty(96, 64, device="meta", dtype=BF16)
+    assert fa.decode_linear(x[:, :1], w).shape == (2, 1, 96)
+    assert fa.decode_swiglu(x[:, :1], w, w).shape == (2, 1, 96)
 
 
 # ---- fuse_ops on transformers models ----------------------------------------------------------------
@@ -249,8 +344,8 @@ def test_fuse_ops_keeps_the_model_output(device, kind, route):
         want = model(ids).logits.float()
         counts = fa.fuse_ops(model)
         n_norms = 2 * 3 + 1 + (2 * 3 if kind == "qwen3" else 0)  # 2 per layer + final (+ q/k norms)
-        assert counts == {"rms_norm": n_norms, "mlp": 3, "rope": 1}
-        assert fa.fuse_ops(model) == {"rms_norm": 0, "mlp": 0, "rope": 0}, "idempotent"
+        assert counts == {"rms_norm": n_norms, "mlp": 3, "rope": 1, "linear": 7 * 3 + 1}
+        assert fa.fuse_ops(model) == {"rms_norm": 0, "mlp": 0, "rope": 0, "linear": 0}, "idempotent"
         assert modeling.apply_rotary_pos_emb is not original_rope
         got = model(ids).logits.float()
     if dtype == FP32:
@@ -274,7 +369,7 @@ def test_fuse_ops_keeps_the_model_output(device, kind, route):
 
 def test_fuse_ops_ignores_other_models():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    assert fa.fuse_ops(model) == {"rms_norm": 0, "mlp": 0, "rope": 0}
+    assert fa.fuse_ops(model) == {"rms_norm": 0, "mlp": 0, "rope": 0, "linear": 0}
     fa.unfuse_ops(model)
 
 
@@ -310,3 +405,46 @@ def test_fuse_ops_leaves_instance_wrapped_modules_alone():
     assert counts["rms_norm"] == 2 * 3 and norm.forward is wrapper
     fa.unfuse_ops(model)
     assert norm.forward is wrapper
+
+
+@pytest.mark.parametrize("device", device_params(cpu=False))
+@pytest.mark.parametrize("route", [None, "sa"], ids=["sdpa", "flux-sa"])
+def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, monkeypatch):
+    """A decode step (2 sequences, 1 token each) of the fused bf16 model: every linear and the
+    SwiGLU run the decode kernels, and the logits meet the 2x rule against the fp32 model, with
+    the unfused bf16 step as PyTorch's own error."""
+    import copy
+
+    from utils import assert_within_2x
+
+    model = tiny_model("llama", device, BF16)
+    if route is not None:
+        fa.attach_router(model, fa.RouterConfig(force=route, sink_tokens=8, local_blocks=2, block_size=8))
+        model.eval()
+    truth_model = copy.deepcopy(model).float()
+    ids = torch.randint(0, 512, (2, 37), device=device)
+    step = torch.randint(0, 512, (2, 1), device=device)
+
+    def decode(m):
+        out = m(ids, use_cache=True)
+        return m(step, past_key_values=out.past_key_values, use_cache=True).logits.float()
+
+    calls = {"decode_linear": 0, "decode_swiglu": 0}
+    for name in calls:
+        real = getattr(fa.ops, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(fa.ops, name, counted)
+    with torch.no_grad():
+        truth, want = decode(truth_model), decode(model)
+        assert calls == {"decode_linear": 0, "decode_swiglu": 0}
+        fa.fuse_ops(model)
+        got = decode(model)
+    fa.unfuse_ops(model)
+    # Prefill (74 rows) stays on cuBLAS; the decode step runs the 4 attention linears and down_proj
+    # of each layer and the lm_head, and one SwiGLU per layer.
+    assert calls == {"decode_linear": 3 * 5 + 1, "decode_swiglu": 3}, calls
+    assert_within_2x(f"fused decode step {route}", got, truth, want)

@@ -107,6 +107,9 @@ def test_opcheck_model_ops(device):
         k = make(2, 7, 2, 32, device=device, dtype=dtype).transpose(1, 2)
         cos = make(1, 7, 32, device=device, dtype=dtype)
         opcheck(ops.rotary_embedding.default, (q, k, cos, make(1, 7, 32, device=device, dtype=dtype)))
+        w = make(24, 64, device=device, dtype=dtype)
+        opcheck(ops.decode_linear.default, (x[:2, :1], w, make(24, device=device, dtype=dtype)))
+        opcheck(ops.decode_swiglu.default, (x[:, :1], w, make(24, 64, device=device, dtype=dtype)))
 
 
 # ----------------------------------------------------------------------------------------------

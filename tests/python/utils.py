@@ -17,10 +17,15 @@ REL_TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def device_params(cpu=True, cuda=True):
-    """pytest params for the devices a test runs on; CUDA only when present, marked `cuda`."""
+    """pytest params for the devices a test runs on; CUDA only when present, marked `cuda`. A
+    CUDA-only test (cpu=False) always has its `cuda` case, so that a CPU run deselects it (-m "not
+    cuda") instead of reporting an empty parameter set as skipped."""
     params = [pytest.param("cpu", id="cpu")] if cpu else []
-    if cuda and torch.cuda.is_available():
-        params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
+    if cuda and (torch.cuda.is_available() or not cpu):
+        marks = [pytest.mark.cuda]
+        if not torch.cuda.is_available():
+            marks.append(pytest.mark.skipif(True, reason="needs a CUDA device"))
+        params.append(pytest.param("cuda", id="cuda", marks=marks))
     return params
 
 

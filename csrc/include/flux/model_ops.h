@@ -64,11 +64,35 @@ struct RopeParams {
   int64_t cos_batch_stride = 0, cos_row_stride = 0;
 };
 
+// Linear layers at decode's few token rows (inference): out[r, n] = sum_k x[r, k] * w[n, k] (+ bias[n]),
+// or with `up` set, silu(x . gate[n]) * (x . up[n]) (SwiGLU: gate_proj and up_proj in one pass of x).
+// With 1-8 rows a linear layer is a read of its weight matrix; cuBLAS's small-M kernels read the
+// 8B model's smaller matrices at 0.8-3 TB/s (docs/perf_notes.md "Decode linear layers"). Weights are
+// [out_features, in_features] rows (nn.Linear's layout) with weight_row_stride elements between rows;
+// x rows start x_row_stride apart; out is [rows, out_features] with out_row_stride. fp32 accumulation.
+constexpr int kDecodeLinearMaxRows = 8;
+
+struct DecodeLinearParams {
+  DataType dtype = DataType::kFloat32;
+  const void* x = nullptr;
+  const void* weight = nullptr;  // the linear's weight, or SwiGLU's gate weight
+  const void* up = nullptr;      // SwiGLU's up weight (weight's shape and strides); nullptr: plain linear
+  const void* bias = nullptr;    // [out_features] or nullptr (plain linear only)
+  void* out = nullptr;
+  int rows = 0;  // 1..kDecodeLinearMaxRows
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  int64_t x_row_stride = 0;
+  int64_t weight_row_stride = 0;
+  int64_t out_row_stride = 0;
+};
+
 namespace cpu {
 // csrc/cpu/model_ops.cpp
 void rms_norm(const RmsNormParams& params);
 void silu_mul(const SiluMulParams& params);
 void rotary_embedding(const RopeParams& params);
+void decode_linear(const DecodeLinearParams& params);
 }  // namespace cpu
 
 #ifdef FLUX_WITH_CUDA
@@ -76,6 +100,8 @@ void rotary_embedding(const RopeParams& params);
 cudaError_t run_rms_norm(const RmsNormParams& params, cudaStream_t stream);
 cudaError_t run_silu_mul(const SiluMulParams& params, cudaStream_t stream);
 cudaError_t run_rotary_embedding(const RopeParams& params, cudaStream_t stream);
+// csrc/cuda/decode_linear.cu
+cudaError_t run_decode_linear(const DecodeLinearParams& params, cudaStream_t stream);
 #endif
 
 }  // namespace flux

@@ -410,7 +410,7 @@ def test_fuse_ops_leaves_instance_wrapped_modules_alone():
 @pytest.mark.parametrize("device", device_params(cpu=False))
 @pytest.mark.parametrize("route", [None, "sa"], ids=["sdpa", "flux-sa"])
 def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, monkeypatch):
-    """A decode step (2 sequences, 1 token each) of the fused bf16 model: every linear and the
+    """A batch-1 decode step of the fused bf16 model: every linear and the
     SwiGLU run the decode kernels, and the logits meet the 2x rule against the fp32 model, with
     the unfused bf16 step as PyTorch's own error."""
     import copy
@@ -422,8 +422,8 @@ def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, monkeypatch
         fa.attach_router(model, fa.RouterConfig(force=route, sink_tokens=8, local_blocks=2, block_size=8))
         model.eval()
     truth_model = copy.deepcopy(model).float()
-    ids = torch.randint(0, 512, (2, 37), device=device)
-    step = torch.randint(0, 512, (2, 1), device=device)
+    ids = torch.randint(0, 512, (1, 37), device=device)
+    step = torch.randint(0, 512, (1, 1), device=device)
 
     def decode(m):
         out = m(ids, use_cache=True)
@@ -444,7 +444,7 @@ def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, monkeypatch
         fa.fuse_ops(model)
         got = decode(model)
     fa.unfuse_ops(model)
-    # Prefill (74 rows) stays on cuBLAS; the decode step runs the 4 attention linears and down_proj
+    # Prefill (37 rows) stays on cuBLAS; the decode step runs the 4 attention linears and down_proj
     # of each layer and the lm_head, and one SwiGLU per layer.
     assert calls == {"decode_linear": 3 * 5 + 1, "decode_swiglu": 3}, calls
     assert_within_2x(f"fused decode step {route}", got, truth, want)

@@ -67,7 +67,12 @@ def test_routed_mix_matches_reference(device, varlen):
     ref = run(lambda q_, k_, v_, z_: _mix_ref(q_, k_, v_, z_, cu, torch.float64), torch.float64)
     low = run(lambda q_, k_, v_, z_: _mix_ref(q_, k_, v_, z_, cu, dtype), dtype)
     for name, a, b, c in zip(["out", "dq", "dk", "dv", "dz"], ours, ref, low):
-        assert_within_2x(name, a.double(), b, c.double())
+        # dz[b] = <dout, FA - SA> sums up to ~40K products of outputs that each carry their
+        # attention kernel's error: how those errors add up differs between our kernels and
+        # PyTorch's by chance (a CPU with other vector units gives another order). A floor of 16
+        # fp32 ulps of the largest |dz| keeps the rule about the kernels, not the dice.
+        floor = 16 * torch.finfo(dtype).eps * b.abs().max().item() if name == "dz" else 0.0
+        assert_within_2x(name, a.double(), b, c.double(), floor=floor)
 
 
 def _head_ref(hidden, weight, labels, teacher, lm_w, kl_w):

@@ -258,7 +258,9 @@ cudaError_t launch(const DecodeLinearParams& p, cudaStream_t stream) {
     // One token row: the CUDA-core kernel streams at 3.4 TB/s per layer (1.12x cuBLAS); the
     // tensor-core one at 2.6 TB/s whatever the rows (0.87x cuBLAS; bench/decode_linear.py,
     // 2026-12-02), which beats the CUDA-core kernel from 2 rows on.
-    if (vec && p.rows > 1 && !simt_forced()) return launch_mma<T>(p, stream);
+    // in_features % 32 == 0 (every model width): the shapes the tensor-core path has run on the
+    // H200; other widths take the CUDA-core path until the MMA tail has run there too.
+    if (vec && p.rows > 1 && p.in_features % 32 == 0 && !simt_forced()) return launch_mma<T>(p, stream);
   }
   return vec ? launch_vec<T, kVec>(p, stream) : launch_vec<T, 1>(p, stream);
 }

@@ -43,4 +43,28 @@ void run_cuda(const char* op, const at::Tensor& ref, Launch&& launch) {
 }
 #endif
 
+// The CPU / CUDA fork of an op: cpu() on the CPU; on CUDA the launcher that FLUX_CUDA_LAUNCH wraps
+// (a cudaError_t expression of `stream`, under run_cuda); a sentence naming the op anywhere else.
+// FLUX_CUDA_LAUNCH compiles to nothing in CPU-only builds, where the CUDA launchers do not exist.
+#ifdef FLUX_WITH_CUDA
+#define FLUX_CUDA_LAUNCH(...) [&](cudaStream_t stream) { return __VA_ARGS__; }
+#else
+#define FLUX_CUDA_LAUNCH(...) nullptr
+#endif
+
+template <typename Cpu, typename Cuda>
+void run_on_device(const char* op, const at::Tensor& ref, Cpu&& cpu, Cuda&& cuda) {
+  if (ref.device().is_cpu()) {
+    cpu();
+    return;
+  }
+#ifdef FLUX_WITH_CUDA
+  if (!ref.device().is_cuda()) fail_no_kernel(op, ref);
+  run_cuda(op, ref, cuda);
+#else
+  (void)cuda;
+  fail_no_kernel(op, ref);
+#endif
+}
+
 }  // namespace flux_attention

@@ -77,16 +77,8 @@ Tensor rms_norm_kernel(const Tensor& x_in, const Tensor& weight_in, double eps) 
   p.x_row_stride = x.stride(0);
   p.out_row_stride = cols;
   p.eps = float(eps);
-  if (x.device().is_cpu()) {
-    flux::cpu::rms_norm(p);
-  } else {
-#ifdef FLUX_WITH_CUDA
-    if (!x.device().is_cuda()) fail_no_kernel(op, x);
-    run_cuda(op, x, [&](cudaStream_t stream) { return flux::run_rms_norm(p, stream); });
-#else
-    fail_no_kernel(op, x);
-#endif
-  }
+  run_on_device(op, x, [&] { flux::cpu::rms_norm(p); },
+                FLUX_CUDA_LAUNCH(flux::run_rms_norm(p, stream)));
   return out;
 }
 
@@ -106,16 +98,8 @@ Tensor silu_mul_kernel(const Tensor& gate_in, const Tensor& up_in) {
   p.up = up.data_ptr();
   p.out = out.data_ptr();
   p.n = out.numel();
-  if (gate.device().is_cpu()) {
-    flux::cpu::silu_mul(p);
-  } else {
-#ifdef FLUX_WITH_CUDA
-    if (!gate.device().is_cuda()) fail_no_kernel(op, gate);
-    run_cuda(op, gate, [&](cudaStream_t stream) { return flux::run_silu_mul(p, stream); });
-#else
-    fail_no_kernel(op, gate);
-#endif
-  }
+  run_on_device(op, gate, [&] { flux::cpu::silu_mul(p); },
+                FLUX_CUDA_LAUNCH(flux::run_silu_mul(p, stream)));
   return out;
 }
 
@@ -149,16 +133,8 @@ TensorPair rotary_embedding_kernel(const Tensor& q_in, const Tensor& k_in, const
   p.ko_batch_stride = k_out.stride(0), p.ko_head_stride = k_out.stride(1), p.ko_row_stride = k_out.stride(2);
   p.cos_batch_stride = cos.size(0) == 1 ? 0 : cos.stride(0);
   p.cos_row_stride = cos.stride(1);
-  if (q.device().is_cpu()) {
-    flux::cpu::rotary_embedding(p);
-  } else {
-#ifdef FLUX_WITH_CUDA
-    if (!q.device().is_cuda()) fail_no_kernel(op, q);
-    run_cuda(op, q, [&](cudaStream_t stream) { return flux::run_rotary_embedding(p, stream); });
-#else
-    fail_no_kernel(op, q);
-#endif
-  }
+  run_on_device(op, q, [&] { flux::cpu::rotary_embedding(p); },
+                FLUX_CUDA_LAUNCH(flux::run_rotary_embedding(p, stream)));
   return {q_out, k_out};
 }
 
@@ -222,16 +198,8 @@ Tensor run_decode_linear(const char* op, const LinearShapes& s, const Tensor& up
     p.x_row_stride = s.x.stride(0);
     p.weight_row_stride = s.weight.stride(0);
     p.out_row_stride = s.out_features;
-    if (s.x.device().is_cpu()) {
-      flux::cpu::decode_linear(p);
-    } else {
-#ifdef FLUX_WITH_CUDA
-      if (!s.x.device().is_cuda()) fail_no_kernel(op, s.x);
-      run_cuda(op, s.x, [&](cudaStream_t stream) { return flux::run_decode_linear(p, stream); });
-#else
-      fail_no_kernel(op, s.x);
-#endif
-    }
+    run_on_device(op, s.x, [&] { flux::cpu::decode_linear(p); },
+                  FLUX_CUDA_LAUNCH(flux::run_decode_linear(p, stream)));
   }
   return out.view(out_shape);
 }

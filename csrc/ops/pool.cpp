@@ -92,16 +92,8 @@ Tensor pool_queries_kernel(const Tensor& q_in, const std::optional<Tensor>& cu_s
   fill_pool(p, in, pool_size);
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0);
-  if (in.q.device().is_cpu()) {
-    flux::cpu::pool_queries(p);
-  } else {
-#ifdef FLUX_WITH_CUDA
-    if (!in.q.device().is_cuda()) fail_no_kernel(op, in.q);
-    run_cuda(op, in.q, [&](cudaStream_t stream) { return flux::run_pool_queries(p, stream); });
-#else
-    fail_no_kernel(op, in.q);
-#endif
-  }
+  run_on_device(op, in.q, [&] { flux::cpu::pool_queries(p); },
+                FLUX_CUDA_LAUNCH(flux::run_pool_queries(p, stream)));
   return out;
 }
 
@@ -129,16 +121,8 @@ Tensor pool_queries_backward_kernel(const Tensor& grad_in, const Tensor& q_in,
   p.dq_batch_stride = varlen ? 0 : dq.stride(0);
   p.dq_row_stride = varlen ? dq.stride(0) : dq.stride(1);
   p.dq_head_stride = varlen ? dq.stride(1) : dq.stride(2);
-  if (in.q.device().is_cpu()) {
-    flux::cpu::pool_queries_bwd(p);
-  } else {
-#ifdef FLUX_WITH_CUDA
-    if (!in.q.device().is_cuda()) fail_no_kernel(op, in.q);
-    run_cuda(op, in.q, [&](cudaStream_t stream) { return flux::run_pool_queries_bwd(p, stream); });
-#else
-    fail_no_kernel(op, in.q);
-#endif
-  }
+  run_on_device(op, in.q, [&] { flux::cpu::pool_queries_bwd(p); },
+                FLUX_CUDA_LAUNCH(flux::run_pool_queries_bwd(p, stream)));
   return dq;
 }
 

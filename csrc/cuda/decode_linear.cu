@@ -147,14 +147,6 @@ constexpr int kMmaTokens = 8;     // the N: token rows (kDecodeLinearMaxRows)
 constexpr int kMmaUnroll = 4;     // block steps whose loads are issued before their MMAs
 static_assert(kMmaTokens == kDecodeLinearMaxRows, "one MMA column per token row");
 
-__device__ __forceinline__ uint4 load_stream16(const void* ptr) {
-  uint4 u;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
-      : "l"(ptr));
-  return u;
-}
-
 template <typename T>
 __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const uint4& hi, const uint4& x) {
   const uint32_t a0[4] = {lo.x, hi.x, lo.y, hi.y};

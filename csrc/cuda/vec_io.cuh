@@ -35,6 +35,16 @@ __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[kVec]) {
   }
 }
 
+// 16 bytes read once (weights streamed by a GEMV): not allocated in L1, so that the rows that are
+// re-read (the activations) keep it. Read-only for the kernel's lifetime (ld.global.nc).
+__device__ __forceinline__ uint4 load_stream16(const void* ptr) {
+  uint4 u;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+      : "l"(ptr));
+  return u;
+}
+
 // As load_vec, for data read once (weights streamed by a GEMV): bypasses L1 so that the rows that
 // are re-read (the activations) keep it. Read-only for the kernel's lifetime (ld.global.nc).
 template <typename T, int kVec>
@@ -43,11 +53,7 @@ __device__ __forceinline__ void load_vec_stream(const T* ptr, float (&out)[kVec]
   if constexpr (kVec == 1) {
     out[0] = to_float(__ldg(ptr));
   } else {
-    uint4 u;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
-                 : "l"(ptr));
-    unpack_vec<T, kVec>(u, out);
+    unpack_vec<T, kVec>(load_stream16(ptr), out);
   }
 }
 

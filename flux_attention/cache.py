@@ -23,11 +23,11 @@ come from the attention mask, decisions from the router: one host read each per 
 decode step only when some sequence crosses into a page that is not mapped yet. Between those, a
 decode step is device work only, planned once per step for all layers (:class:`_DecodePlan`): the
 layers share one ``cache_seqlens`` tensor and one stacked block table, both updated in place; the
-first layer of a step computes every layer's write slot in one gather, and each layer then writes
-its new K/V with one ``index_copy_`` per tensor. :meth:`FluxCache.reserve` maps the pages of the
-next tokens ahead of time, so the steps that follow plan nothing on the host, grow no pool and
-reallocate no table: what capturing decode steps in a CUDA graph needs
-(:class:`~flux_attention.decode_loop.StaticDecodeLoop`).
+first layer of a step records the new token's position, and each layer then writes its new K and V
+rows with one :func:`~flux_attention.ops.append_kv` through its row of the table.
+:meth:`FluxCache.reserve` maps the pages of the next tokens ahead of time, so the steps that
+follow plan nothing on the host, grow no pool and reallocate no table: what capturing decode steps
+in a CUDA graph needs (:class:`~flux_attention.decode_loop.StaticDecodeLoop`).
 
 The routing decision of each (layer, sequence), taken at the first prefill, is kept here and reused
 for every later chunk and decode step. ``batch_select_indices`` / ``batch_repeat_interleave`` copy
@@ -153,7 +153,7 @@ class FluxCacheLayer(CacheLayerMixin):
         self.use_sparse: Optional[Tensor] = None  # bool [B] (device)
         self.use_sparse_host: Optional[List[bool]] = None
         self._free_steps = 0  # single-token steps before any sequence needs a page not mapped
-        self._flat: Optional[tuple] = None  # (k_pages, v_pages, and their flat views), see write_slots
+        self._flat: Optional[tuple] = None  # (k_pages, v_pages, and their flat views), see _flat_pools
         self._plan: Optional["_DecodePlan"] = None  # the FluxCache decode plan this layer is in
         self._plan_row = -1
 
@@ -368,15 +368,6 @@ class FluxCacheLayer(CacheLayerMixin):
             self._flat = (self.k_pages, self.v_pages, self.k_pages.flatten(0, 1), self.v_pages.flatten(0, 1))
         return self._flat[2], self._flat[3]
 
-    def write_slots(self, k: Tensor, v: Tensor, slots: Tensor) -> None:
-        """Store rows ``k, v [n, Hkv, D]`` at flat slots ``page * page_size + offset`` (int64 [n],
-        device): one ``index_copy_`` per tensor."""
-        if k.dtype != self.k_pages.dtype:
-            k, v = k.to(self.k_pages.dtype), v.to(self.v_pages.dtype)
-        flat_k, flat_v = self._flat_pools()
-        flat_k.index_copy_(0, slots, k)
-        flat_v.index_copy_(0, slots, v)
-
     def _contiguous_runs(self, old: Tensor, counts: Sequence[int]) -> Optional[List[Tuple[int, int, int]]]:
         """(first row, first flat slot, rows) per sequence of an append where every sequence's new
         rows land in consecutive physical pages (a prompt into fresh pages: see _grow); None when
@@ -587,12 +578,7 @@ class _DecodePlan:
             l._plan, l._plan_row = self, row
             l.cache_seqlens = self.seqlens
             self.publish(l)
-        self.slots = torch.empty(n, b, dtype=torch.int64, device=dev)
-        self._slot_rows = list(self.slots.unbind(0))  # views made once, not per layer and step
-        self._pos = torch.empty(b, dtype=torch.int64, device=dev)
-        self._page = torch.empty(b, dtype=torch.int64, device=dev)
-        self._offset = torch.empty(b, dtype=torch.int64, device=dev)
-        self._phys = torch.empty(n, b, 1, dtype=torch.int32, device=dev)
+        self._pos = torch.empty(b, dtype=torch.int32, device=dev)  # the step's new token position
         self.steps = 0  # steps begun
         self.appended = [0] * n  # steps each layer has appended
 
@@ -612,15 +598,7 @@ class _DecodePlan:
     def _begin_step(self) -> None:
         for l in self.layers:
             l._host_step()
-        ps = self.page_size
-        n, b = self.slots.shape
-        self._pos.copy_(self.seqlens)  # the new token's position
-        torch.div(self._pos, ps, rounding_mode="floor", out=self._page)
-        torch.gather(self.tables, 2, self._page.view(1, b, 1).expand(n, b, 1), out=self._phys)
-        self.slots.copy_(self._phys.view(n, b))
-        self.slots.mul_(ps)
-        torch.remainder(self._pos, ps, out=self._offset)
-        self.slots.add_(self._offset)
+        self._pos.copy_(self.seqlens)
         self.seqlens.add_(1)
 
     def append(self, layer: FluxCacheLayer, k: Tensor, v: Tensor) -> None:
@@ -633,7 +611,10 @@ class _DecodePlan:
             raise RuntimeError(f"FluxCache: a layer appended its decode step {done + 1} while others "
                                f"are at step {self.steps} (a forward that skipped layers?)")
         self.appended[row] = done + 1
-        layer.write_slots(k, v, self._slot_rows[row])
+        # One kernel writes the K and V rows at (page of _pos in this layer's table, offset). A
+        # page the table does not map reads as page 0, the pool's never-read scratch page.
+        append_kv(layer.k_pages, layer.v_pages, k.to(layer.k_pages.dtype), v.to(layer.v_pages.dtype), self._pos,
+                  block_table=layer.block_table)
 
     def advance_host(self, steps: int) -> None:
         """Host bookkeeping of ``steps`` steps that ran on the device only (CUDA graph replays)."""

@@ -17,11 +17,11 @@ What is patched, for the Llama family (Llama, Mistral, Qwen2, Qwen3; SmolLM2 is 
   (the three projections stay the model's own modules, so quantised or adapted linears still work);
 - the ``apply_rotary_pos_emb`` function of the model's modeling module. That is a module global, so
   it applies to every model of that class in the process; it computes the same function;
-- at batch-1 decode (CUDA inputs with one token row), the model's plain ``nn.Linear`` layers (q/k/v/o,
-  down_proj, lm_head) run ``decode_linear`` and the MLP's gate and up projections run
-  ``decode_swiglu`` with the SiLU fused in: weight streams at 3.4 TB/s per layer where cuBLAS's
-  small-M kernels read the smaller matrices at 1.1-2.5 TB/s (docs/perf_notes.md "Decode linear
-  layers"). ``decode_linears=False`` leaves linears to cuBLAS. Subclasses of ``nn.Linear``
+- at decode (CUDA inputs with 1-8 token rows: batch <= 8), the model's plain ``nn.Linear`` layers
+  (q/k/v/o, down_proj, lm_head) run ``decode_linear`` and the MLP's gate and up projections run
+  ``decode_swiglu`` with the SiLU fused in: tensor-core weight streams that read an 8B layer at
+  3.3-3.45 TB/s where cuBLAS's small-M kernels reach ~3.1, the smaller matrices at 1.1-2.5 TB/s
+  (docs/perf_notes.md "Decode linear layers"). ``decode_linears=False`` leaves linears to cuBLAS. Subclasses of ``nn.Linear``
   (quantised, LoRA) are never patched.
 
 Each fused forward is used only where it is exact in meaning: inference (no gradient needed:
@@ -71,11 +71,17 @@ def _norm_forward(self, hidden_states: Tensor) -> Tensor:
     return self._flux_unfused_forward(hidden_states)
 
 
+# The decode kernels' token-row capacity (kDecodeLinearMaxRows in csrc/include/flux/model_ops.h).
+DECODE_LINEAR_MAX_ROWS = 8
+
+
 def _decode_rows(x: Tensor) -> bool:
-    """CUDA input with one token row (batch-1 decode, or a prefill's last-token lm_head): where
-    the decode kernels beat cuBLAS (1.12x per 8B layer on the H200). From 2 rows on cuBLAS is
-    faster than they are (docs/perf_notes.md "Decode linear layers"), so it keeps those."""
-    return x.is_cuda and x.dim() >= 1 and x.shape[-1] > 0 and x.numel() == x.shape[-1]
+    """CUDA input with 1-8 token rows (a decode step at batch <= 8, or a prefill's last-token
+    lm_head): where the decode kernels beat cuBLAS, 1.05-1.11x per 8B layer on the H200
+    (docs/perf_notes.md "Decode linear layers"). More rows are a GEMM: cuBLAS keeps those."""
+    if not x.is_cuda or x.dim() < 1 or x.shape[-1] == 0:
+        return False
+    return x.numel() // x.shape[-1] <= DECODE_LINEAR_MAX_ROWS
 
 
 def _plain_linear(mod) -> bool:

@@ -58,21 +58,24 @@ def run(small: bool) -> None:
         # router pooling
         qp = torch.randn(2, 333, 8, d, device=dev, dtype=dt, requires_grad=True)
         fa.pool_queries(qp, pool_size=150).float().sum().backward()
-    # the fused model ops: vector and element-wise paths, the three RMSNorm row groupings
+    # the fused model ops: vector and element-wise paths, the three RMSNorm row groupings (8
+    # threads, a warp, a block per row)
     with torch.no_grad():
-        for cols in (128, 576, 4096, 13):
-            x = torch.randn(37, cols, device=dev, dtype=dt)
+        for rows, cols in ((37, 128), (70, 576), (3, 4096), (37, 576), (37, 13)):
+            x = torch.randn(rows, cols, device=dev, dtype=dt)
             fa.rms_norm(x, torch.ones(cols, device=dev, dtype=dt))
         for n in (14336 * 3, 1001):
             g = torch.randn(n, device=dev, dtype=dt)
             fa.silu_mul(g, g)
-        for d, hk in ((128, 8), (6, 3)):
-            qr = torch.randn(2, 33, 32, d, device=dev, dtype=dt).transpose(1, 2)
-            kr = torch.randn(2, 33, hk, d, device=dev, dtype=dt).transpose(1, 2)
-            cs = torch.randn(1, 33, d, device=dev, dtype=dt)
+        for d, hk, s in ((128, 8, 33), (6, 3, 33), (64, 2, 150)):  # 66 positions split heads, 300 not
+            qr = torch.randn(2, s, 32, d, device=dev, dtype=dt).transpose(1, 2)
+            kr = torch.randn(2, s, hk, d, device=dev, dtype=dt).transpose(1, 2)
+            cs = torch.randn(1, s, d, device=dev, dtype=dt)
             fa.rotary_embedding(qr, kr, cs, cs)
-        # decode linears: 16-byte and element paths, every row capacity, a partial last block
-        for rows, k, n in ((1, 4096, 1030), (3, 1001, 70), (4, 512, 33), (8, 136, 5)):
+        # decode linears: the tensor-core ring (8 and 16 warps, 4 and 8 stages, warps with no k step,
+        # partial last blocks) and the CUDA-core paths (element-wise, in_features % 32 != 0)
+        for rows, k, n in ((1, 4096, 1030), (6, 160, 2049), (2, 14336, 64), (5, 2080, 100), (3, 1001, 70),
+                           (4, 512, 33), (8, 136, 5)):
             x = torch.randn(rows, k, device=dev, dtype=dt)
             w = torch.randn(n, k, device=dev, dtype=dt)
             fa.decode_linear(x, w, torch.randn(n, device=dev, dtype=dt))

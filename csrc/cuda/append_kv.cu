@@ -19,6 +19,10 @@ constexpr int kAppendThreads = 256;
 template <typename Unit>
 __global__ void __launch_bounds__(kAppendThreads) append_kv_kernel(const AppendKVParams p, int64_t units_per_row,
                                                                   int64_t elems_per_unit) {
+  // Launched with PDL (a decode step's append follows RoPE and precedes the attention): wait for
+  // the new rows, then let the attention kernel be scheduled.
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t total = int64_t(p.batch) * p.new_tokens * p.num_heads_k * units_per_row;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
@@ -70,13 +74,10 @@ cudaError_t launch(const AppendKVParams& p, cudaStream_t stream) {
   // A grid-stride loop: a decode step appends a few thousand vectors, a prefill may append millions.
   const int64_t wanted = ceil_div(total, int64_t(kAppendThreads));
   const unsigned blocks = unsigned(wanted < (int64_t(1) << 16) ? wanted : (int64_t(1) << 16));
-  if (vec) {
-    append_kv_kernel<uint4><<<blocks, kAppendThreads, 0, stream>>>(p, units_per_row, elems_per_unit);
-  } else {
-    append_kv_kernel<Element><<<blocks, kAppendThreads, 0, stream>>>(p, units_per_row, elems_per_unit);
-  }
-  FLUX_CUDA_CHECK_LAUNCH();
-  return cudaSuccess;
+  if (vec) return launch_pdl(append_kv_kernel<uint4>, dim3(blocks), dim3(kAppendThreads), 0, stream, p, units_per_row,
+                             elems_per_unit);
+  return launch_pdl(append_kv_kernel<Element>, dim3(blocks), dim3(kAppendThreads), 0, stream, p, units_per_row,
+                    elems_per_unit);
 }
 
 }  // namespace

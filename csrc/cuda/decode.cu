@@ -69,11 +69,9 @@ int choose_num_splits(const DecodeParams& p, SplitKernel kernel, int num_sms) {
 template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(const DecodeParams p, int num_splits) {
   __shared__ float s_w[kCombineWarps][kMaxSplits];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched early (programmatic dependent launch): wait until the split kernel's partials are
   // complete and visible. A no-op when there is no programmatic dependency.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  pdl_wait();
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t rows = partial_rows(p);
@@ -124,18 +122,8 @@ cudaError_t launch_combine_as(const DecodeParams& p, int num_splits, cudaStream_
   // Programmatic stream serialization lets this launch start while the split kernel runs (it
   // triggers early; the combine waits in griddepcontrol.wait). Graph capture records it as a
   // programmatic edge.
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(ceil_div(partial_rows(p), int64_t(kCombineWarps))));
-  cfg.blockDim = dim3(kCombineWarps * 32);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  FLUX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_combine_kernel<T>, p, num_splits));
-  return cudaSuccess;
+  return launch_pdl(decode_combine_kernel<T>, dim3(unsigned(ceil_div(partial_rows(p), int64_t(kCombineWarps)))),
+                    dim3(kCombineWarps * 32), 0, stream, p, num_splits);
 }
 
 cudaError_t launch_combine(const DecodeParams& p, int num_splits, cudaStream_t stream) {

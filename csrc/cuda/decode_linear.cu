@@ -11,17 +11,20 @@
 // loads whole 16-byte chunks (8 consecutive k) of its two weight rows and of its token row, and the
 // chunk's four 32-bit pairs serve as that lane's k-slots of two MMAs: lane (g, t) holds k-slots
 // {2t, 2t+1, 2t+8, 2t+9} of rows g and g+8 (A) and of token g (B), and maps them to the same
-// physical k for A and B (kb + 8t + 0..3 in the first MMA, + 4..7 in the second). The 8 warps of a
-// block split k (256 consecutive k per block step: 512 B of each weight row) and reduce through
-// shared memory once; tokens past `rows` are zero in B and never written. SwiGLU loads the gate and
-// up rows of the same features and applies silu(gate) * up in the epilogue, so the MLP's gate and up
-// outputs never go to memory.
+// physical k for A and B (kb + 8t + 0..3 in the first MMA, + 4..7 in the second). The warps of a
+// block (8; 16 when the grid is under one wave) split k, 32 consecutive k per warp and block step,
+// and reduce through shared memory once; each warp streams its weight chunks through a private
+// cp.async ring, 3-7 steps ahead. Tokens past `rows` are zero in B and never written. SwiGLU loads
+// the gate and up rows of the same features and applies silu(gate) * up in the epilogue, so the
+// MLP's gate and up outputs never go to memory. Every launch uses programmatic dependent launch:
+// the ring's first stages are issued before griddepcontrol.wait (weights are never the previous
+// kernel's output), so a layer's matrices overlap their predecessor's tail.
 //
-// The CUDA-core path (one token row, fp32, unaligned data, FLUX_DECODE_LINEAR_KERNEL=simt) gives
-// each block 4 weight rows, strides its threads over k and accumulates every token row in fp32.
-// Measured on the H200 (docs/perf_notes.md "Decode linear layers"): at 1 row it streams the 8B
-// layer at 3.4 TB/s (cuBLAS 3.05); the tensor-core path holds 2.6 TB/s at 1-8 rows, short of
-// cuBLAS's 3.0, so flux_attention.fuse_ops uses these kernels at one token row only.
+// The CUDA-core path (fp32, unaligned data, in_features % 32 != 0, FLUX_DECODE_LINEAR_KERNEL=simt)
+// gives each block 4 weight rows, strides its threads over k and accumulates every token row in
+// fp32. Measured on the H200 (docs/perf_notes.md "Decode linear layers", the 8B layer's seven
+// matrices): the tensor-core path streams a layer at 3.57 TB/s at 1 row, 3.44 at 4, 3.33 at 8
+// (cuBLAS 3.0-3.1: 1.15x / 1.10x / 1.07x); the CUDA-core one at 3.4 TB/s at 1 row, 1.4 at 4.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -141,10 +144,8 @@ cudaError_t launch_vec(const DecodeLinearParams& p, cudaStream_t stream) {
 
 // ---- tensor-core path ---------------------------------------------------------------------------
 
-constexpr int kMmaWarps = 8;
 constexpr int kMmaFeatures = 16;  // the M of mma.m16n8k16: weight rows per block
 constexpr int kMmaTokens = 8;     // the N: token rows (kDecodeLinearMaxRows)
-constexpr int kMmaUnroll = 4;     // block steps whose loads are issued before their MMAs
 static_assert(kMmaTokens == kDecodeLinearMaxRows, "one MMA column per token row");
 
 template <typename T>
@@ -155,51 +156,16 @@ __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const 
   ptx::mma_16816<T>(c, a1, x.z, x.w);
 }
 
-template <typename T, bool kSwiglu>
-__global__ void __launch_bounds__(kMmaWarps * 32) decode_linear_mma_kernel(const DecodeLinearParams p) {
+// The block's 16 x 8 output tile: each warp's C fragments (acc[0..1] = feature g, tokens 2t and
+// 2t + 1; acc[2..3] = feature g + 8) summed over the warps through shared memory, then SwiGLU or the
+// bias, written for the live token rows and features.
+template <typename T, bool kSwiglu, int kWarps>
+__device__ __forceinline__ void store_tile(const DecodeLinearParams& p, int64_t f0, const float (&acc)[4],
+                                           const float (&acc_up)[4]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t f0 = int64_t(blockIdx.x) * kMmaFeatures;
-  // Rows g and g + 8 of this block's features; missing features of the last block re-read the last
-  // row (in bounds; their sums are dropped).
-  const int64_t f_lo = f0 + g < p.out_features ? f0 + g : p.out_features - 1;
-  const int64_t f_hi = f0 + g + 8 < p.out_features ? f0 + g + 8 : p.out_features - 1;
-  const T* w_lo = static_cast<const T*>(p.weight) + f_lo * p.weight_row_stride;
-  const T* w_hi = static_cast<const T*>(p.weight) + f_hi * p.weight_row_stride;
-  const T* u_lo = kSwiglu ? static_cast<const T*>(p.up) + f_lo * p.weight_row_stride : nullptr;
-  const T* u_hi = kSwiglu ? static_cast<const T*>(p.up) + f_hi * p.weight_row_stride : nullptr;
-  const bool token = g < p.rows;
-  const T* x = static_cast<const T*>(p.x) + (token ? g : 0) * p.x_row_stride;
-
-  float acc[4] = {0.f, 0.f, 0.f, 0.f}, acc_up[4] = {0.f, 0.f, 0.f, 0.f};
-  constexpr int64_t kStepK = kMmaWarps * 32;  // k per block step: 8 warps x 4 lanes x 8
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  // The loop bound is warp-uniform (mma.sync needs the whole warp): a lane past in_features loads
-  // zeros instead of leaving the loop.
-  for (int64_t kb = int64_t(warp) * 32; kb < p.in_features; kb += kStepK * kMmaUnroll) {
-    uint4 wl[kMmaUnroll], wh[kMmaUnroll], ul[kMmaUnroll], uh[kMmaUnroll], xv[kMmaUnroll];
-#pragma unroll
-    for (int u = 0; u < kMmaUnroll; ++u) {
-      const int64_t k = kb + 8 * t + u * kStepK;
-      const bool in = k < p.in_features;  // in_features % 8 == 0 on this path: whole chunks
-      wl[u] = in ? load_stream16(w_lo + k) : zero;
-      wh[u] = in ? load_stream16(w_hi + k) : zero;
-      if constexpr (kSwiglu) {
-        ul[u] = in ? load_stream16(u_lo + k) : zero;
-        uh[u] = in ? load_stream16(u_hi + k) : zero;
-      }
-      xv[u] = in && token ? *reinterpret_cast<const uint4*>(x + k) : zero;
-    }
-#pragma unroll
-    for (int u = 0; u < kMmaUnroll; ++u) {
-      mma_chunk<T>(acc, wl[u], wh[u], xv[u]);
-      if constexpr (kSwiglu) mma_chunk<T>(acc_up, ul[u], uh[u], xv[u]);
-    }
-  }
-
-  // C fragments: acc[0..1] = (feature g, tokens 2t, 2t+1), acc[2..3] = (feature g + 8, same tokens).
   constexpr int kTile = kMmaFeatures * kMmaTokens;
-  __shared__ float partial[kSwiglu ? 2 : 1][kMmaWarps][kTile];
+  __shared__ float partial[kSwiglu ? 2 : 1][kWarps][kTile];
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int idx = (g + 8 * (e / 2)) * kMmaTokens + 2 * t + (e % 2);
@@ -207,13 +173,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_linear_mma_kernel(const
     if constexpr (kSwiglu) partial[kSwiglu ? 1 : 0][warp][idx] = acc_up[e];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kTile; i += kMmaWarps * 32) {
+  for (int i = threadIdx.x; i < kTile; i += kWarps * 32) {
     const int feature = i / kMmaTokens, r = i % kMmaTokens;
     const int64_t f = f0 + feature;
     if (r >= p.rows || f >= p.out_features) continue;
     float sum = 0.f, up = 0.f;
 #pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) {
+    for (int w = 0; w < kWarps; ++w) {
       sum += partial[0][w][i];
       if constexpr (kSwiglu) up += partial[kSwiglu ? 1 : 0][w][i];
     }
@@ -224,12 +190,122 @@ __global__ void __launch_bounds__(kMmaWarps * 32) decode_linear_mma_kernel(const
   }
 }
 
+// The weight chunks go global -> shared by cp.async into a ring private to each warp (kStages
+// stages of one block step: 16 rows x 32 k per warp, 1 KB, 2 KB for SwiGLU), so the bytes in flight
+// do not depend on how ptxas allocates registers: kStages - 1 steps ahead per warp. (Loading them
+// into registers a few steps at a time, the first version, streamed at 2.6 TB/s: ptxas reused the
+// registers of the chunks just multiplied for the next loads, so each warp's loads came in bursts
+// with a DRAM latency of nothing in flight between them.)
+// A lane writes and reads back only its own 16-byte slots (slot = chunk x 32 + lane), so the ring
+// needs __syncwarp only and every access is one contiguous 512-byte row of the warp.
+template <bool kSwiglu>
+constexpr int chunks_per_step() {
+  return kSwiglu ? 4 : 2;  // rows g and g + 8, of the gate and up matrices for SwiGLU
+}
+template <bool kSwiglu, int kWarps, int kStages>
+constexpr size_t ring_bytes() {
+  return size_t(kWarps) * kStages * chunks_per_step<kSwiglu>() * 32 * 16;
+}
+
+template <typename T, bool kSwiglu, int kWarps, int kStages>
+__global__ void __launch_bounds__(kWarps * 32) decode_linear_mma_kernel(const DecodeLinearParams p) {
+  pdl_launch_dependents();
+  extern __shared__ __align__(16) uint4 ring[];  // [kWarps][kStages][kChunks][32]
+  constexpr int kChunks = chunks_per_step<kSwiglu>();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t f0 = int64_t(blockIdx.x) * kMmaFeatures;
+  // Rows g and g + 8 of this block's features; missing features of the last block re-read the last
+  // row (in bounds; their sums are dropped).
+  const int64_t f_lo = f0 + g < p.out_features ? f0 + g : p.out_features - 1;
+  const int64_t f_hi = f0 + g + 8 < p.out_features ? f0 + g + 8 : p.out_features - 1;
+  const T* src[kChunks];
+  src[0] = static_cast<const T*>(p.weight) + f_lo * p.weight_row_stride;
+  src[1] = static_cast<const T*>(p.weight) + f_hi * p.weight_row_stride;
+  if constexpr (kSwiglu) {
+    src[2] = static_cast<const T*>(p.up) + f_lo * p.weight_row_stride;
+    src[3] = static_cast<const T*>(p.up) + f_hi * p.weight_row_stride;
+  }
+  uint4* my_ring = ring + size_t(warp) * kStages * kChunks * 32 + lane;
+  const uint32_t ring_u32 = ptx::smem_u32(my_ring);
+
+  // Block step s of this warp covers k in [s * kStepK + warp * 32, + 32); lane (g, t) takes the
+  // 8 k from 8t. in_features % 32 == 0 on this path, so a step is whole or entirely past the end.
+  constexpr int64_t kStepK = kWarps * 32;
+  const int64_t k_lane = int64_t(warp) * 32 + 8 * t;
+  const int64_t first_k = int64_t(warp) * 32;
+  const int64_t steps = first_k < p.in_features ? ceil_div(p.in_features - first_k, kStepK) : 0;
+  const auto issue = [&](int64_t step) {
+    const int64_t k = k_lane + step * kStepK;
+    const bool in = step < steps;
+    const uint32_t dst = ring_u32 + uint32_t(step % kStages) * (kChunks * 32 * 16);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) ptx::cp_async_16(dst + c * 32 * 16, in ? src[c] + k : src[c], in);
+    ptx::cp_async_commit();  // one group per step, empty past the end, so wait_group counts stay fixed
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s);  // the weights are not the kernel before's: ahead of the wait
+  pdl_wait();  // the activations (and the output) are
+
+  const bool token = g < p.rows;
+  const T* x = static_cast<const T*>(p.x) + (token ? g : 0) * p.x_row_stride;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f}, acc_up[4] = {0.f, 0.f, 0.f, 0.f};
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t k = k_lane + step * kStepK;
+    const uint4 xv = token ? *reinterpret_cast<const uint4*>(x + k) : zero;
+    ptx::cp_async_wait<kStages - 2>();  // this step's group has landed
+    __syncwarp();
+    const uint4* slot = my_ring + (step % kStages) * (kChunks * 32);
+    uint4 w[kChunks];
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) w[c] = slot[c * 32];
+    __syncwarp();  // every lane has read the stage the next issue refills (step - 1's)
+    issue(step + kStages - 1);
+    mma_chunk<T>(acc, w[0], w[1], xv);
+    if constexpr (kSwiglu) mma_chunk<T>(acc_up, w[2], w[3], xv);
+  }
+  ptx::cp_async_wait<0>();  // no copy may land after the block has exited
+  store_tile<T, kSwiglu, kWarps>(p, f0, acc, acc_up);
+}
+
+// Ring depth, measured on the H200 (bench/decode_linear.py, 2026-12-02): 4 stages (3 steps ahead)
+// for the 4096-wide inputs and SwiGLU (3 or 6 for every matrix: no better per layer); the
+// 14336-wide down_proj streams 3.3 -> 3.5 TB/s with 8 (its 256 blocks give ~2 per SM, so each
+// warp needs more steps ahead).
+int ring_stages(const DecodeLinearParams& p) {
+  if (p.up != nullptr) return 4;
+  return p.in_features >= 8192 ? 8 : 4;
+}
+
+template <typename T, bool kSwiglu, int kWarps, int kStages>
+cudaError_t launch_ring(const DecodeLinearParams& p, cudaStream_t stream) {
+  const auto kernel = decode_linear_mma_kernel<T, kSwiglu, kWarps, kStages>;
+  constexpr size_t smem = ring_bytes<kSwiglu, kWarps, kStages>();
+  static_assert(smem <= 200 * 1024, "the ring must fit in one SM's shared memory");
+  // Over 48 KB of dynamic shared memory needs an opt-in.
+  FLUX_CUDA_CHECK((opt_in_shared_memory<decode_linear_mma_kernel<T, kSwiglu, kWarps, kStages>>(int(smem))));
+  const dim3 grid(unsigned(ceil_div(p.out_features, int64_t(kMmaFeatures))));
+  return launch_pdl(kernel, grid, dim3(kWarps * 32), smem, stream, p);
+}
+
+template <typename T, bool kSwiglu, int kWarps>
+cudaError_t launch_ring_stages(const DecodeLinearParams& p, cudaStream_t stream) {
+  if constexpr (!kSwiglu) {
+    if (ring_stages(p) == 8) return launch_ring<T, kSwiglu, kWarps, 8>(p, stream);
+  }
+  return launch_ring<T, kSwiglu, kWarps, 4>(p, stream);
+}
+
 template <typename T>
 cudaError_t launch_mma(const DecodeLinearParams& p, cudaStream_t stream) {
-  const dim3 grid(unsigned(ceil_div(p.out_features, int64_t(kMmaFeatures))));
-  if (p.up != nullptr) decode_linear_mma_kernel<T, true><<<grid, kMmaWarps * 32, 0, stream>>>(p);
-  else decode_linear_mma_kernel<T, false><<<grid, kMmaWarps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  // Under one wave of 16-feature blocks (the k and v projections: 64 blocks) 16 warps per block
+  // put twice the bytes in flight on the SMs that have work (k_proj at 4 rows: 7.4 -> 5.0 us).
+  const bool wide = ceil_div(p.out_features, int64_t(kMmaFeatures)) < 128;
+  if (p.up != nullptr) {
+    return wide ? launch_ring_stages<T, true, 16>(p, stream) : launch_ring_stages<T, true, 8>(p, stream);
+  }
+  return wide ? launch_ring_stages<T, false, 16>(p, stream) : launch_ring_stages<T, false, 8>(p, stream);
 }
 
 // FLUX_DECODE_LINEAR_KERNEL=simt forces the CUDA-core path (A/B timing); read per call (host
@@ -247,12 +323,9 @@ cudaError_t launch(const DecodeLinearParams& p, cudaStream_t stream) {
   const bool vec = p.in_features % kVec == 0 && p.x_row_stride % kVec == 0 && p.weight_row_stride % kVec == 0 &&
                    aligned16(p.x) && aligned16(p.weight) && (p.up == nullptr || aligned16(p.up));
   if constexpr (sizeof(T) == 2) {
-    // One token row: the CUDA-core kernel streams at 3.4 TB/s per layer (1.12x cuBLAS); the
-    // tensor-core one at 2.6 TB/s whatever the rows (0.87x cuBLAS; bench/decode_linear.py,
-    // 2026-12-02), which beats the CUDA-core kernel from 2 rows on.
-    // in_features % 32 == 0 (every model width): the shapes the tensor-core path has run on the
-    // H200; other widths take the CUDA-core path until the MMA tail has run there too.
-    if (vec && p.rows > 1 && p.in_features % 32 == 0 && !simt_forced()) return launch_mma<T>(p, stream);
+    // The tensor-core kernel at every row count (1 row: 3.57 TB/s per 8B layer, the CUDA-core one
+    // 3.4). in_features % 32 == 0 (every model width) makes each warp's k step whole.
+    if (vec && p.in_features % 32 == 0 && !simt_forced()) return launch_mma<T>(p, stream);
   }
   return vec ? launch_vec<T, kVec>(p, stream) : launch_vec<T, 1>(p, stream);
 }

@@ -75,12 +75,13 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     decode_split_mma_kernel(const DecodeParams p, int num_splits, int row_tiles, bool interleave) {
   using Cfg = MmaConfig<kHeadDim>;
   extern __shared__ __align__(128) unsigned char smem[];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Programmatic dependent launch: the combine kernel (launched with the PDL attribute) may be
-  // scheduled now and waits in griddepcontrol.wait for this grid's writes, so its launch latency
-  // (~2-3 us, 2% of a B=1 128K decode) hides under this kernel. The split grid is one wave.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  // Programmatic dependent launch both ways: this grid is launched with PDL (it may be scheduled
+  // while the kernel before finishes; every read of q, the cache and the lengths comes after the
+  // wait), and the combine kernel may be scheduled right after and waits in griddepcontrol.wait
+  // for this grid's writes, so both launch latencies (~2-3 us each, 2% of a B=1 128K decode) hide
+  // under kernels that run. The split grid is one wave.
+  pdl_wait();
+  pdl_launch_dependents();
 
   const int split = blockIdx.x;
   const int kvh = blockIdx.y / row_tiles;
@@ -392,16 +393,12 @@ bool interleave_warps() {
   return env == nullptr || std::strcmp(env, "contiguous") != 0;
 }
 
-// Over 48 KB of dynamic shared memory needs an opt-in; cheap, and per device, so done every launch.
-// The whole carveout goes to shared memory so that kCtasPerSm CTAs fit (cp.async.cg bypasses L1).
+// Over 48 KB of dynamic shared memory needs an opt-in (once per device); the whole carveout goes to
+// shared memory so that kCtasPerSm CTAs fit (cp.async.cg bypasses L1).
 template <typename T, int kHeadDim>
 cudaError_t set_attributes() {
-  const auto kernel = decode_split_mma_kernel<T, kHeadDim>;
-  FLUX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       MmaConfig<kHeadDim>::kSmemBytes));
-  FLUX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       int(cudaSharedmemCarveoutMaxShared)));
-  return cudaSuccess;
+  return opt_in_shared_memory<decode_split_mma_kernel<T, kHeadDim>>(MmaConfig<kHeadDim>::kSmemBytes,
+                                                                     /*max_carveout=*/true);
 }
 
 // Resident CTAs per SM as the occupancy calculator sees them (kCtasPerSm by design; fewer would
@@ -425,9 +422,8 @@ cudaError_t launch(const DecodeParams& p, int num_splits, cudaStream_t stream) {
   FLUX_CUDA_CHECK((set_attributes<T, kHeadDim>()));
   const int row_tiles = int(ceil_div(int64_t(p.seqlen_q) * (p.num_heads_q / p.num_heads_k), int64_t(kRows)));
   const dim3 grid(num_splits, p.num_heads_k * row_tiles, p.batch);
-  kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(p, num_splits, row_tiles, interleave_warps());
-  FLUX_CUDA_CHECK_LAUNCH();
-  return cudaSuccess;
+  return launch_pdl(kernel, grid, dim3(kThreads), Cfg::kSmemBytes, stream, p, num_splits, row_tiles,
+                    interleave_warps());
 }
 
 template <typename T>

@@ -21,15 +21,27 @@ namespace {
 
 // Element I/O: load_vec / store_vec of vec_io.cuh (fp32 math for every dtype).
 
+// Every kernel here is launched with programmatic dependent launch (launch_pdl): at decode they
+// run on a few rows between weight streams, and a plain launch would add its ~2 us of launch
+// latency to each. Each waits for the kernel before (whose output it reads) before touching
+// memory, then lets the next PDL kernel (a decode_linear) be scheduled and start its weight
+// prefetch while this one runs.
+__device__ __forceinline__ void pdl_prologue() {
+  pdl_wait();
+  pdl_launch_dependents();
+}
+
 // ---- RMSNorm ------------------------------------------------------------------------------------
 
 constexpr int kNormThreads = 256;
+constexpr int64_t kFewRows = 64;  // up to here a row gets a whole block (see launch_rms_norm_vec)
 
 // kRowThreads threads per row (8, 32 or the whole block): a row's sum of squares is reduced by
 // shuffles inside its group, and across warps through shared memory when a block holds one row.
 // The second pass re-reads the row from L1/L2 (a row is at most a few tens of KB).
 template <typename T, int kVec, int kRowThreads>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const RmsNormParams p) {
+  pdl_prologue();
   constexpr int kRowsPerBlock = kNormThreads / kRowThreads;
   const int t = threadIdx.x % kRowThreads;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kRowThreads;
@@ -78,14 +90,14 @@ cudaError_t launch_rms_norm_vec(const RmsNormParams& p, cudaStream_t stream) {
   auto grid = [&](int row_threads) {
     return dim3(unsigned(ceil_div(p.rows, int64_t(kNormThreads / row_threads))));
   };
-  if (chunks <= 32) {
-    rms_norm_kernel<T, kVec, 8><<<grid(8), kNormThreads, 0, stream>>>(p);
-  } else if (chunks <= 512) {
-    rms_norm_kernel<T, kVec, 32><<<grid(32), kNormThreads, 0, stream>>>(p);
-  } else {
-    rms_norm_kernel<T, kVec, kNormThreads><<<grid(kNormThreads), kNormThreads, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  // Decode normalises a handful of rows: a warp per row would leave each lane 16 dependent-latency
+  // loads of a 4096-wide row (~14 us at 4 rows on the H200, measured by bench/e2e_profile.py); a
+  // block per row gives each thread 2 and the launch costs what a launch costs (~2-3 us).
+  const bool few_rows = p.rows <= kFewRows;
+  if (chunks <= 32) return launch_pdl(rms_norm_kernel<T, kVec, 8>, grid(8), dim3(kNormThreads), 0, stream, p);
+  if (chunks <= 512 && !few_rows)
+    return launch_pdl(rms_norm_kernel<T, kVec, 32>, grid(32), dim3(kNormThreads), 0, stream, p);
+  return launch_pdl(rms_norm_kernel<T, kVec, kNormThreads>, grid(kNormThreads), dim3(kNormThreads), 0, stream, p);
 }
 
 template <typename T>
@@ -104,6 +116,7 @@ __device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); 
 
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kEltThreads) silu_mul_kernel(const SiluMulParams p) {
+  pdl_prologue();
   const T* gate = static_cast<const T*>(p.gate);
   const T* up = static_cast<const T*>(p.up);
   T* out = static_cast<T*>(p.out);
@@ -130,19 +143,21 @@ cudaError_t launch_silu_mul(const SiluMulParams& p, cudaStream_t stream) {
   // Grid-stride: 8 blocks of 256 per SM keep enough 16-byte loads in flight for HBM.
   int64_t blocks = ceil_div(chunks, int64_t(kEltThreads));
   if (blocks > int64_t(sms) * 8) blocks = int64_t(sms) * 8;
-  if (vec) silu_mul_kernel<T, kVec><<<unsigned(blocks), kEltThreads, 0, stream>>>(p);
-  else silu_mul_kernel<T, 1><<<unsigned(blocks), kEltThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  if (vec) return launch_pdl(silu_mul_kernel<T, kVec>, dim3(unsigned(blocks)), dim3(kEltThreads), 0, stream, p);
+  return launch_pdl(silu_mul_kernel<T, 1>, dim3(unsigned(blocks)), dim3(kEltThreads), 0, stream, p);
 }
 
 // ---- rotary embedding ---------------------------------------------------------------------------
 
 constexpr int kRopeThreads = 128;
 
-// One block per (sequence, position): its threads walk the (head, chunk of head_dim / 2) pairs of q
-// and k, so the position's cos/sin row is read from L1 by every head.
+// Blocks (sequence x position, y): the y blocks of a position split its (head, chunk of head_dim / 2)
+// pairs of q and k, so the position's cos/sin row is read from L1 by the heads of a block. y = 1
+// in prefill; at decode (a few positions) y covers the pairs in one pass instead of three dependent
+// rounds of loads by one block (Llama-8B: 320 pairs, 128 threads).
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) {
+  pdl_prologue();
   const int64_t b = blockIdx.x / p.seqlen;
   const int64_t s = blockIdx.x % p.seqlen;
   const int half = p.head_dim / 2;
@@ -150,7 +165,7 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
   const int items = (p.heads_q + p.heads_k) * chunks;
   const T* cos = static_cast<const T*>(p.cos) + b * p.cos_batch_stride + s * p.cos_row_stride;
   const T* sin = static_cast<const T*>(p.sin) + b * p.cos_batch_stride + s * p.cos_row_stride;
-  for (int item = threadIdx.x; item < items; item += kRopeThreads) {
+  for (int item = blockIdx.y * kRopeThreads + threadIdx.x; item < items; item += gridDim.y * kRopeThreads) {
     int head = item / chunks;
     const int i0 = (item % chunks) * kVec;
     const T* src;
@@ -191,10 +206,11 @@ cudaError_t launch_rope(const RopeParams& p, cudaStream_t stream) {
                    ok(p.k_row_stride) && ok(p.qo_batch_stride) && ok(p.qo_head_stride) && ok(p.qo_row_stride) &&
                    ok(p.ko_batch_stride) && ok(p.ko_head_stride) && ok(p.ko_row_stride) &&
                    ok(p.cos_batch_stride) && ok(p.cos_row_stride);
-  const dim3 grid(unsigned(int64_t(p.batch) * p.seqlen));
-  if (vec) rope_kernel<T, kVec><<<grid, kRopeThreads, 0, stream>>>(p);
-  else rope_kernel<T, 1><<<grid, kRopeThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  const int64_t positions = int64_t(p.batch) * p.seqlen;
+  const int64_t items = int64_t(p.heads_q + p.heads_k) * ((p.head_dim / 2) / (vec ? kVec : 1));
+  const dim3 grid(unsigned(positions), unsigned(positions >= 256 ? 1 : ceil_div(items, int64_t(kRopeThreads))));
+  if (vec) return launch_pdl(rope_kernel<T, kVec>, grid, dim3(kRopeThreads), 0, stream, p);
+  return launch_pdl(rope_kernel<T, 1>, grid, dim3(kRopeThreads), 0, stream, p);
 }
 
 template <template <typename> class Launch, typename P>

@@ -217,12 +217,26 @@ def test_batch_select_and_repeat_copy_pages():
 
 
 @pytest.mark.cuda
-def test_cuda_graph_loop_equals_eager_and_generate():
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fuse_ops"])
+def test_cuda_graph_loop_equals_eager_and_generate(fused):
     """Replaying the captured step gives generate's tokens, over page boundaries, with mixed
-    routing; the NaN-poisoned unmapped pages are never read."""
+    routing; the NaN-poisoned unmapped pages are never read. fuse_ops: the decode step's linears,
+    norms and RoPE are the flux kernels launched with programmatic dependent launch, whose
+    overlap the graph keeps; the tokens must still be eager's and generate's."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model, ids, mask = mixed_model("llama", "cuda")
+    if fused:
+        counts = fa.fuse_ops(model)
+        assert counts["linear"] > 0 and counts["rms_norm"] > 0, counts
+    try:
+        assert_graph_loop_matches(model, ids, mask)
+    finally:
+        if fused:
+            fa.unfuse_ops(model)  # fuse_ops patches the modeling module's RoPE for every model
+
+
+def assert_graph_loop_matches(model, ids, mask):
     n = 70
     want = generated(model, ids, mask, n, fa.FluxCache(model.config))
     cache = fa.FluxCache(model.config)

@@ -57,7 +57,9 @@ def poisoned_view(shape, dtype, device, pad):
 
 # ---- rms_norm -------------------------------------------------------------------------------------
 
-NORM_SHAPES = [(4096,), (3, 7, 576), (5, 4096), (2, 3, 5, 128), (4, 13), (1, 1), (17, 1000)]
+# On CUDA: a block per row up to 64 rows (decode), a warp per row from 65 rows for rows of 33-512
+# 16-byte chunks ((70, 1024)), 8 threads per row for short rows.
+NORM_SHAPES = [(4096,), (3, 7, 576), (5, 4096), (2, 3, 5, 128), (4, 13), (1, 1), (17, 1000), (70, 1024)]
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -125,7 +127,8 @@ def rope_inputs(batch, seqlen, head_dim, dtype, device, shared):
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("b,hq,hk,s,d,shared", [
-    (1, 32, 8, 67, 128, True), (2, 9, 3, 33, 64, False), (3, 4, 4, 5, 6, False), (1, 2, 1, 1, 16, True)])
+    (1, 32, 8, 67, 128, True), (2, 9, 3, 33, 64, False), (3, 4, 4, 5, 6, False), (1, 2, 1, 1, 16, True),
+    (2, 4, 2, 150, 64, False)])  # CUDA: under 256 positions blocks split a position's heads; from 256 not
 def test_rotary_embedding_matches_reference(device, b, hq, hk, s, d, shared):
     for dtype in dtypes_for(device):
         q = hf_layout(b, hq, s, d, dtype, device)
@@ -168,8 +171,12 @@ def swiglu_ref(x, wg, wu, dtype=FP64):
 
 # (leading shape of x, in_features, out_features): 1-8 token rows; in_features a multiple of 8
 # (16-byte path) or not (element path); out_features not a multiple of the block's 4 features.
-LINEAR_CASES = [((1,), 64, 33), ((3,), 1000, 70), ((2, 1), 4096, 1030), ((8,), 136, 5), ((5,), 1001, 18),
-                ((4, 1, 1), 512, 4)]
+# On CUDA, 2-8 rows with in_features % 32 == 0 take the tensor-core kernel: 8 warps per block from
+# 2048 features (2049: a partial last block; k 160 leaves warps with no k step), 16 warps below
+# (k 2080: the warps' step counts differ).
+LINEAR_CASES = [((1,), 64, 33), ((3,), 1000, 70), ((2, 1), 4096, 1030), ((6,), 160, 2049), ((8,), 136, 5),
+                ((5,), 1001, 18), ((4, 1, 1), 512, 4), ((7,), 2080, 100)]
+SWIGLU_CASES = LINEAR_CASES[:4] + LINEAR_CASES[-1:]
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -186,7 +193,7 @@ def test_decode_linear_matches_reference(device, lead, k, n):
 
 
 @pytest.mark.parametrize("device", device_params())
-@pytest.mark.parametrize("lead,k,n", LINEAR_CASES[:4], ids=lambda c: str(c))
+@pytest.mark.parametrize("lead,k,n", SWIGLU_CASES, ids=lambda c: str(c))
 def test_decode_swiglu_matches_reference(device, lead, k, n):
     for dtype in dtypes_for(device):
         x = randn(*lead, k, dtype=dtype, device=device)
@@ -409,8 +416,9 @@ def test_fuse_ops_leaves_instance_wrapped_modules_alone():
 
 @pytest.mark.parametrize("device", device_params(cpu=False))
 @pytest.mark.parametrize("route", [None, "sa"], ids=["sdpa", "flux-sa"])
-def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, monkeypatch):
-    """A batch-1 decode step of the fused bf16 model: every linear and the
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, batch, monkeypatch):
+    """A decode step of the fused bf16 model at batch 1 and 3 (token rows): every linear and the
     SwiGLU run the decode kernels, and the logits meet the 2x rule against the fp32 model, with
     the unfused bf16 step as PyTorch's own error."""
     import copy
@@ -422,8 +430,8 @@ def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, monkeypatch
         fa.attach_router(model, fa.RouterConfig(force=route, sink_tokens=8, local_blocks=2, block_size=8))
         model.eval()
     truth_model = copy.deepcopy(model).float()
-    ids = torch.randint(0, 512, (1, 37), device=device)
-    step = torch.randint(0, 512, (1, 1), device=device)
+    ids = torch.randint(0, 512, (batch, 37), device=device)
+    step = torch.randint(0, 512, (batch, 1), device=device)
 
     def decode(m):
         out = m(ids, use_cache=True)
@@ -444,7 +452,7 @@ def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, monkeypatch
         fa.fuse_ops(model)
         got = decode(model)
     fa.unfuse_ops(model)
-    # Prefill (37 rows) stays on cuBLAS; the decode step runs the 4 attention linears and down_proj
+    # Prefill (37 rows per sequence) stays on cuBLAS; the decode step runs the 4 attention linears and down_proj
     # of each layer and the lm_head, and one SwiGLU per layer.
     assert calls == {"decode_linear": 3 * 5 + 1, "decode_swiglu": 3}, calls
     assert_within_2x(f"fused decode step {route}", got, truth, want)

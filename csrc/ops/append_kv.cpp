@@ -124,16 +124,7 @@ void append_kv_kernel(const Tensor& k_cache, const Tensor& v_cache, const Tensor
   p.page_size = static_cast<int>(page_size);
   p.num_pages = k_cache.size(0);
 
-  if (k_cache.device().is_cpu()) {
-    flux::cpu::append_kv(p);
-  } else {
-#ifdef FLUX_WITH_CUDA
-    if (!k_cache.device().is_cuda()) fail_no_kernel(op, k_cache);
-    run_cuda(op, k_cache, [&](cudaStream_t stream) { return flux::run_append_kv(p, stream); });
-#else
-    fail_no_kernel(op, k_cache);
-#endif
-  }
+  run_on_device(op, k_cache, [&] { flux::cpu::append_kv(p); }, FLUX_CUDA_LAUNCH(flux::run_append_kv(p, stream)));
 }
 
 }  // namespace flux_attention

@@ -223,16 +223,7 @@ std::tuple<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in,
 
   flux::AttnFwdParams p;
   fill_fwd(p, s, q, k, v, out, lse, cu_q, cu_k, cfg, flags);
-  if (q.device().is_cpu()) {
-    flux::cpu::attention_fwd(p);
-  } else {
-#ifdef FLUX_WITH_CUDA
-    if (!q.device().is_cuda()) fail_no_kernel(op, q);
-    run_cuda(op, q, [&](cudaStream_t stream) { return flux::run_attention_fwd(p, stream); });
-#else
-    fail_no_kernel(op, q);
-#endif
-  }
+  run_on_device(op, q, [&] { flux::cpu::attention_fwd(p); }, FLUX_CUDA_LAUNCH(flux::run_attention_fwd(p, stream)));
   return {out, lse};
 }
 

@@ -46,6 +46,8 @@ void run_cuda(const char* op, const at::Tensor& ref, Launch&& launch) {
 // The CPU / CUDA fork of an op: cpu() on the CPU; on CUDA the launcher that FLUX_CUDA_LAUNCH wraps
 // (a cudaError_t expression of `stream`, under run_cuda); a sentence naming the op anywhere else.
 // FLUX_CUDA_LAUNCH compiles to nothing in CPU-only builds, where the CUDA launchers do not exist.
+// Ops whose CUDA path first sizes a workspace (attention backward, decode) write the fork out, with
+// run_cuda, so that the allocation stays next to the launch it serves.
 #ifdef FLUX_WITH_CUDA
 #define FLUX_CUDA_LAUNCH(...) [&](cudaStream_t stream) { return __VA_ARGS__; }
 #else

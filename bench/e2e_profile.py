@@ -7,6 +7,11 @@ per-layer numbers are those of the 32-layer model), runs each configuration unde
 (CUDA activity only) and sums the kernel durations by category. The difference between a config's
 per-layer time and the sdpa anchor's, category by category, is what a change has to win back.
 
+Kernels launched with programmatic dependent launch (flux's decode linears, model ops, append and
+decode attention) start before the kernel ahead of them ends and wait on the GPU: their duration
+here includes that wait, so at decode their sum exceeds the step and only the kernels launched
+plainly (torch's) read as their own cost. bench/e2e.py's step time is the number to compare.
+
     python bench/e2e_profile.py [--length 131072] [--layers 4] [--configs sdpa,flux_fa,flux_sa100]
                                 [--decode-batch 4] [--out-dir DIR]
 

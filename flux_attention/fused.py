@@ -20,7 +20,7 @@ What is patched, for the Llama family (Llama, Mistral, Qwen2, Qwen3; SmolLM2 is 
 - at decode (CUDA inputs with 1-8 token rows: batch <= 8), the model's plain ``nn.Linear`` layers
   (q/k/v/o, down_proj, lm_head) run ``decode_linear`` and the MLP's gate and up projections run
   ``decode_swiglu`` with the SiLU fused in: tensor-core weight streams that read an 8B layer at
-  3.3-3.45 TB/s where cuBLAS's small-M kernels reach ~3.1, the smaller matrices at 1.1-2.5 TB/s
+  3.4-3.6 TB/s where cuBLAS's small-M kernels reach ~3.1, the smaller matrices at 1.1-2.5 TB/s
   (docs/perf_notes.md "Decode linear layers"). ``decode_linears=False`` leaves linears to cuBLAS. Subclasses of ``nn.Linear``
   (quantised, LoRA) are never patched.
 
@@ -77,7 +77,7 @@ DECODE_LINEAR_MAX_ROWS = 8
 
 def _decode_rows(x: Tensor) -> bool:
     """CUDA input with 1-8 token rows (a decode step at batch <= 8, or a prefill's last-token
-    lm_head): where the decode kernels beat cuBLAS, 1.05-1.11x per 8B layer on the H200
+    lm_head): where the decode kernels beat cuBLAS, 1.08-1.14x per 8B layer on the H200
     (docs/perf_notes.md "Decode linear layers"). More rows are a GEMM: cuBLAS keeps those."""
     if not x.is_cuda or x.dim() < 1 or x.shape[-1] == 0:
         return False

@@ -21,8 +21,8 @@ What is patched, for the Llama family (Llama, Mistral, Qwen2, Qwen3; SmolLM2 is 
   (q/k/v/o, down_proj, lm_head) run ``decode_linear`` and the MLP's gate and up projections run
   ``decode_swiglu`` with the SiLU fused in: tensor-core weight streams that read an 8B layer at
   3.4-3.6 TB/s where cuBLAS's small-M kernels reach ~3.1, the smaller matrices at 1.1-2.5 TB/s
-  (docs/perf_notes.md "Decode linear layers"). ``decode_linears=False`` leaves linears to cuBLAS. Subclasses of ``nn.Linear``
-  (quantised, LoRA) are never patched.
+  (docs/perf_notes.md "Decode linear layers"). ``decode_linears=False`` leaves linears to cuBLAS.
+  Subclasses of ``nn.Linear`` (quantised, LoRA) are never patched.
 
 Each fused forward is used only where it is exact in meaning: inference (no gradient needed:
 ``torch.no_grad()``, or inputs that do not require grad), dtypes the kernels support, the layouts

@@ -332,6 +332,9 @@ def run_timing(results, summary):
                                   ("flash", torch.nn.attention.SDPBackend.FLASH_ATTENTION)):
                 impls[name] = sdpa_fwd(backend, q, k, v, causal)
             for name, (fwd, leaves) in impls.items():
+                # One line per implementation: the parent kills a worker silent for HANG_S, and
+                # in the 2026-12-02 run it did so somewhere in the 32K shape; this says where.
+                print(f"  timing {label} {name} ...", flush=True)
                 try:
                     both, bwd = timings(fwd, leaves)
                     fwd_ms = time_ms(no_grad(fwd))

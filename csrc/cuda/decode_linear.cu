@@ -23,8 +23,8 @@
 // The CUDA-core path (fp32, unaligned data, in_features % 32 != 0, FLUX_DECODE_LINEAR_KERNEL=simt)
 // gives each block 4 weight rows, strides its threads over k and accumulates every token row in
 // fp32. Measured on the H200 (docs/perf_notes.md "Decode linear layers", the 8B layer's seven
-// matrices): the tensor-core path streams a layer at 3.57 TB/s at 1 row, 3.44 at 4, 3.33 at 8
-// (cuBLAS 3.0-3.1: 1.15x / 1.10x / 1.07x); the CUDA-core one at 3.4 TB/s at 1 row, 1.4 at 4.
+// matrices): the tensor-core path streams a layer at 3.59 TB/s at 1 row, 3.44 at 4, 3.39 at 8
+// (cuBLAS 3.07-3.15: 1.14x / 1.12x / 1.08x); the CUDA-core one at 3.4 TB/s at 1 row, 1.4 at 4.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -280,11 +280,11 @@ int ring_stages(const DecodeLinearParams& p) {
 
 template <typename T, bool kSwiglu, int kWarps, int kStages>
 cudaError_t launch_ring(const DecodeLinearParams& p, cudaStream_t stream) {
-  const auto kernel = decode_linear_mma_kernel<T, kSwiglu, kWarps, kStages>;
+  constexpr auto kernel = decode_linear_mma_kernel<T, kSwiglu, kWarps, kStages>;
   constexpr size_t smem = ring_bytes<kSwiglu, kWarps, kStages>();
   static_assert(smem <= 200 * 1024, "the ring must fit in one SM's shared memory");
   // Over 48 KB of dynamic shared memory needs an opt-in.
-  FLUX_CUDA_CHECK((opt_in_shared_memory<decode_linear_mma_kernel<T, kSwiglu, kWarps, kStages>>(int(smem))));
+  FLUX_CUDA_CHECK(opt_in_shared_memory<kernel>(int(smem)));
   const dim3 grid(unsigned(ceil_div(p.out_features, int64_t(kMmaFeatures))));
   return launch_pdl(kernel, grid, dim3(kWarps * 32), smem, stream, p);
 }

@@ -3,11 +3,13 @@
 Shapes: the Llama-3.1-8B layer's seven matrices (q and o 4096 x 4096, k and v 1024 x 4096, gate
 and up 14336 x 4096, down 4096 x 14336) and its lm_head (128256 x 4096), bf16, 1, 2, 4 and 8 token
 rows. Anchors: torch.nn.functional.linear (cuBLAS), and for the MLP's gate and up: two cuBLAS
-linears plus flux's fused silu_mul (what fuse_ops ran before decode_swiglu).
+linears plus flux's fused silu_mul (what fuse_ops ran before decode_swiglu). "q+k+v" is
+decode_linear_group over the three projections (one launch, what fuse_ops runs at decode) against
+three cuBLAS linears.
 Timing: CUDA-graph replay over rotated weight copies (>= 256 MB per round, so the 50 MB L2 is
 cold, as in a decode step that walks 32 layers), median of bench.common.time_ms.
 TB/s = weight bytes / time (the activations are < 0.3 MB).
-"Layer" rows sum one layer's matrices: q, k, v, o, gate + up, down.
+"Layer" rows sum one layer's launches as fuse_ops runs them: q+k+v, o, gate + up, down.
 Writes h200_decode_linear.json to bench/results and --out-dir.
 
     python bench/decode_linear.py [--quick] [--out-dir DIR]
@@ -33,7 +35,29 @@ HIDDEN, KV, FFN, VOCAB = 4096, 1024, 14336, 128256
 MATRICES = {"q_proj": (HIDDEN, HIDDEN, False), "k_proj": (KV, HIDDEN, False), "v_proj": (KV, HIDDEN, False),
             "o_proj": (HIDDEN, HIDDEN, False), "gate+up": (FFN, HIDDEN, True), "down_proj": (HIDDEN, FFN, False),
             "lm_head": (VOCAB, HIDDEN, False)}
-LAYER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate+up", "down_proj"]
+GROUPS = {"q+k+v": ["q_proj", "k_proj", "v_proj"]}
+LAYER = ["q+k+v", "o_proj", "gate+up", "down_proj"]
+
+
+def measure_group(name, rows, dtype=torch.bfloat16, round_bytes=256 << 20):
+    shapes = [MATRICES[m][:2] for m in GROUPS[name]]
+    per_copy = sum(n * k * 2 for n, k in shapes)
+    copies = max(1, -(-round_bytes // per_copy))
+    k = shapes[0][1]
+    sets = [[torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5 for n, _ in shapes] for _ in range(copies)]
+    x = torch.randn(rows, k, device="cuda", dtype=dtype)
+    ours = [lambda ws=ws: fa.decode_linear_group(x, ws) for ws in sets]
+    anchor = [lambda ws=ws: [F.linear(x, w) for w in ws] for ws in sets]
+    err = max((o.double() - F.linear(x.double(), w.double())).abs().max().item()
+              for o, w in zip(fa.decode_linear_group(x, sets[0]), sets[0]))
+    t_ours = graph_time_ms(ours)["median_ms"]
+    t_cublas = graph_time_ms(anchor)["median_ms"]
+    del sets
+    torch.cuda.empty_cache()
+    return {"matrix": name, "rows": rows, "out_features": sum(n for n, _ in shapes), "in_features": k,
+            "weight_bytes": per_copy, "ours_us": t_ours * 1e3, "cublas_us": t_cublas * 1e3,
+            "ours_tbps": per_copy / (t_ours * 1e-3) / 1e12, "cublas_tbps": per_copy / (t_cublas * 1e-3) / 1e12,
+            "speedup": t_cublas / t_ours, "max_abs_err_vs_fp64": err}
 
 
 def measure(name, rows, dtype=torch.bfloat16, round_bytes=256 << 20):
@@ -78,8 +102,8 @@ def main(argv=None):
     results = []
     with torch.no_grad():
         for rows in rows_list:
-            for name in MATRICES:
-                results.append(measure(name, rows))
+            for name in [*MATRICES, *GROUPS]:
+                results.append(measure_group(name, rows) if name in GROUPS else measure(name, rows))
                 r = results[-1]
                 print(f"rows {rows} {name:9s} ours {r['ours_us']:8.1f} us ({r['ours_tbps']:.2f} TB/s)  "
                       f"cuBLAS {r['cublas_us']:8.1f} us ({r['cublas_tbps']:.2f} TB/s)  x{r['speedup']:.2f}",

@@ -21,7 +21,10 @@ What is patched, for the Llama family (Llama, Mistral, Qwen2, Qwen3; SmolLM2 is 
   (q/k/v/o, down_proj, lm_head) run ``decode_linear`` and the MLP's gate and up projections run
   ``decode_swiglu`` with the SiLU fused in: tensor-core weight streams that read an 8B layer at
   3.4-3.6 TB/s where cuBLAS's small-M kernels reach ~3.1, the smaller matrices at 1.1-2.5 TB/s
-  (docs/perf_notes.md "Decode linear layers"). ``decode_linears=False`` leaves linears to cuBLAS.
+  (docs/perf_notes.md "Decode linear layers"). An attention module's q, k and v projections read
+  the same hidden states: at decode the first of them to run streams all three weights in one
+  ``decode_linear_group`` launch, and the other two return its outputs when they are called on that
+  very tensor (``_ProjectionGroup``). ``decode_linears=False`` leaves linears to cuBLAS.
   Subclasses of ``nn.Linear`` (quantised, LoRA) are never patched.
 
 Each fused forward is used only where it is exact in meaning: inference (no gradient needed:
@@ -34,7 +37,8 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Dict
+import weakref
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +98,66 @@ def _linear_forward(self, x: Tensor) -> Tensor:
     return self._flux_unfused_forward(x)
 
 
+class _ProjectionGroup:
+    """The q, k and v projections of one attention module, which transformers calls one after the
+    other on the same hidden states. At decode the first member to run computes all three outputs
+    in one ``decode_linear_group`` launch (at the 8B shape k_proj alone is 8 MB: its launch's fixed
+    cost exceeds its traffic) and keeps the other two; a member returns its kept output only when
+    called on the very tensor the group read (the same object, unmodified since: same
+    ``_version``), and computes its own otherwise. The group holds that tensor until both kept
+    outputs are taken or the next group launch replaces them, so its memory cannot be reused
+    under the identity check."""
+
+    def __init__(self, linears: List[nn.Linear]):
+        self._linears = [weakref.ref(m) for m in linears]
+        self._x: Optional[Tensor] = None
+        self._version = -1
+        self._kept: Dict[int, Tensor] = {}
+
+    def take(self, index: int, x: Tensor) -> Optional[Tensor]:
+        if self._x is not x or x._version != self._version or index not in self._kept:
+            return None
+        out = self._kept.pop(index)
+        if not self._kept:
+            self._x = None
+        return out
+
+    def compute(self, index: int, x: Tensor) -> Optional[Tensor]:
+        mods = [ref() for ref in self._linears]
+        if any(m is None for m in mods):
+            return None
+        weights = [m.weight for m in mods]
+        biases = [m.bias for m in mods]
+        if not _fusable(x, *weights, *(b for b in biases if b is not None)):
+            return None
+        outs = ops.decode_linear_group(x, weights, biases)
+        self._x, self._version = x, x._version
+        self._kept = {i: out for i, out in enumerate(outs) if i != index}
+        return outs[index]
+
+
+def _grouped_linear_forward(self, x: Tensor) -> Tensor:
+    if _decode_rows(x):
+        group, index = self._flux_group, self._flux_group_index
+        out = group.take(index, x)
+        if out is None:
+            out = group.compute(index, x)
+        if out is not None:
+            return out
+    return _linear_forward(self, x)
+
+
+def _group_projections(mod: nn.Module) -> Optional[List[nn.Linear]]:
+    """``mod``'s q/k/v projections when all three were patched by fuse_ops and read one input width."""
+    projections = [getattr(mod, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    if not all(_plain_linear(p) and hasattr(p, "_flux_unfused_forward") and not hasattr(p, "_flux_group")
+               for p in projections):
+        return None
+    if len({p.in_features for p in projections}) != 1:
+        return None
+    return projections
+
+
 def _mlp_forward(self, x: Tensor) -> Tensor:
     if (getattr(self, "_flux_decode_swiglu", False) and _decode_rows(x)
             and self.gate_proj.bias is None and self.up_proj.bias is None
@@ -139,9 +203,10 @@ def _make_rope(original):
 def fuse_ops(model: nn.Module, *, decode_linears: bool = True) -> Dict[str, int]:
     """Route ``model``'s RMSNorms, SwiGLU MLPs and rotary embedding, and at decode its linear
     layers, through the fused kernels (inference only; see the module docstring). Idempotent.
-    Returns how many of each it patched: ``{"rms_norm": n, "mlp": n, "rope": n, "linear": n}``
-    (rope: modeling modules). Models outside the Llama family are left as they are (all 0)."""
-    counts = {"rms_norm": 0, "mlp": 0, "rope": 0, "linear": 0}
+    Returns how many of each it patched: ``{"rms_norm": n, "mlp": n, "rope": n, "linear": n,
+    "qkv": n}`` (rope: modeling modules; qkv: attention modules whose q/k/v projections run as one
+    group at decode). Models outside the Llama family are left as they are (all 0)."""
+    counts = {"rms_norm": 0, "mlp": 0, "rope": 0, "linear": 0, "qkv": 0}
     rope_modules = set()
     for mod in model.modules():
         if not _family_module(mod):
@@ -152,6 +217,13 @@ def fuse_ops(model: nn.Module, *, decode_linears: bool = True) -> Dict[str, int]
                     child._flux_unfused_forward = child.forward
                     child.forward = types.MethodType(_linear_forward, child)
                     counts["linear"] += 1
+            projections = _group_projections(mod)
+            if projections is not None:
+                group = _ProjectionGroup(projections)
+                for index, proj in enumerate(projections):
+                    proj._flux_group, proj._flux_group_index = group, index
+                    proj.forward = types.MethodType(_grouped_linear_forward, proj)
+                counts["qkv"] += 1
         # A module whose forward is already replaced on the instance (accelerate's offloading
         # hooks, another patch) keeps it: fusing would bypass that wrapper.
         patchable = "forward" not in vars(mod)
@@ -188,8 +260,9 @@ def unfuse_ops(model: nn.Module) -> None:
         if hasattr(mod, "_flux_unfused_forward"):
             del mod.forward  # the instance attribute; the class's forward shows again
             del mod._flux_unfused_forward
-        if hasattr(mod, "_flux_decode_swiglu"):
-            del mod._flux_decode_swiglu
+        for attr in ("_flux_decode_swiglu", "_flux_group", "_flux_group_index"):
+            if hasattr(mod, attr):
+                delattr(mod, attr)
     for name in getattr(model, "_flux_fused_rope", None) or ():
         entry = _ROPE_ORIGINALS.get(name)
         if entry is None:

@@ -19,7 +19,7 @@ rows past ``cu_seqlens[-1]``, unused cache pages) is never read.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -41,6 +41,7 @@ __all__ = [
     "rotary_embedding",
     "decode_linear",
     "decode_swiglu",
+    "decode_linear_group",
 ]
 
 
@@ -336,3 +337,12 @@ def decode_swiglu(x: Tensor, gate_weight: Tensor, up_weight: Tensor) -> Tensor:
     for at most 8 token rows, in one pass over both weights; gate and up never reach memory.
     Inference only."""
     return _ops.decode_swiglu(x, gate_weight, up_weight)
+
+
+def decode_linear_group(x: Tensor, weights: Sequence[Tensor],
+                        biases: Optional[Sequence[Optional[Tensor]]] = None) -> List[Tensor]:
+    """``[decode_linear(x, w, b) for w, b in zip(weights, biases)]`` in one launch: 1-3 weights
+    (a layer's q, k and v projections) of one input stream as one grid, which saves the small
+    matrices' launch ramp-up and tail. ``biases``: None, or one tensor or None per weight.
+    Inference only."""
+    return _ops.decode_linear_group(x, list(weights), [] if biases is None else list(biases))

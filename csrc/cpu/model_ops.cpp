@@ -136,4 +136,8 @@ void decode_linear(const DecodeLinearParams& params) {
   for_dtype(params.dtype, [&](auto tag) { decode_linear_as<decltype(tag)>(params); });
 }
 
+void decode_linear_group(const DecodeLinearGroupParams& params) {
+  for (int i = 0; i < params.count; ++i) decode_linear(params.linear[i]);
+}
+
 }  // namespace flux::cpu

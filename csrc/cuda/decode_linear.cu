@@ -156,11 +156,46 @@ __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& lo, const 
   ptx::mma_16816<T>(c, a1, x.z, x.w);
 }
 
+// What one tensor-core launch computes: one plain linear, one SwiGLU pair (up != nullptr, one
+// matrix), or up to kDecodeLinearMaxGroup plain linears of the same x, whose 16-feature blocks are
+// laid end to end in one grid (matrix i owns blocks [m[i - 1].block_end, m[i].block_end)).
+struct MmaMatrix {
+  const void* weight;
+  const void* bias;
+  void* out;
+  int64_t out_features, weight_row_stride, out_row_stride;
+  uint32_t block_end;
+};
+
+struct MmaLaunch {
+  const void* x = nullptr;
+  const void* up = nullptr;
+  int rows = 0;
+  int count = 0;
+  int64_t in_features = 0, x_row_stride = 0;
+  MmaMatrix m[kDecodeLinearMaxGroup];
+};
+
+// This block's matrix and its first block, by selects (a dynamic index into the kernel's parameter
+// struct would copy it to local memory).
+__device__ __forceinline__ MmaMatrix block_matrix(const MmaLaunch& L, uint32_t& first_block) {
+  MmaMatrix mat = L.m[0];
+  first_block = 0;
+#pragma unroll
+  for (int i = 1; i < kDecodeLinearMaxGroup; ++i) {
+    if (i < L.count && blockIdx.x >= L.m[i - 1].block_end) {
+      first_block = L.m[i - 1].block_end;
+      mat = L.m[i];
+    }
+  }
+  return mat;
+}
+
 // The block's 16 x 8 output tile: each warp's C fragments (acc[0..1] = feature g, tokens 2t and
 // 2t + 1; acc[2..3] = feature g + 8) summed over the warps through shared memory, then SwiGLU or the
 // bias, written for the live token rows and features.
 template <typename T, bool kSwiglu, int kWarps>
-__device__ __forceinline__ void store_tile(const DecodeLinearParams& p, int64_t f0, const float (&acc)[4],
+__device__ __forceinline__ void store_tile(const MmaMatrix& mat, int rows, int64_t f0, const float (&acc)[4],
                                            const float (&acc_up)[4]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -176,7 +211,7 @@ __device__ __forceinline__ void store_tile(const DecodeLinearParams& p, int64_t 
   for (int i = threadIdx.x; i < kTile; i += kWarps * 32) {
     const int feature = i / kMmaTokens, r = i % kMmaTokens;
     const int64_t f = f0 + feature;
-    if (r >= p.rows || f >= p.out_features) continue;
+    if (r >= rows || f >= mat.out_features) continue;
     float sum = 0.f, up = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
@@ -185,8 +220,8 @@ __device__ __forceinline__ void store_tile(const DecodeLinearParams& p, int64_t 
     }
     float y;
     if constexpr (kSwiglu) y = silu(sum) * up;
-    else y = p.bias ? sum + to_float(static_cast<const T*>(p.bias)[f]) : sum;
-    static_cast<T*>(p.out)[r * p.out_row_stride + f] = from_float<T>(y);
+    else y = mat.bias ? sum + to_float(static_cast<const T*>(mat.bias)[f]) : sum;
+    static_cast<T*>(mat.out)[r * mat.out_row_stride + f] = from_float<T>(y);
   }
 }
 
@@ -208,23 +243,25 @@ constexpr size_t ring_bytes() {
 }
 
 template <typename T, bool kSwiglu, int kWarps, int kStages>
-__global__ void __launch_bounds__(kWarps * 32) decode_linear_mma_kernel(const DecodeLinearParams p) {
+__global__ void __launch_bounds__(kWarps * 32) decode_linear_mma_kernel(const MmaLaunch L) {
   pdl_launch_dependents();
   extern __shared__ __align__(16) uint4 ring[];  // [kWarps][kStages][kChunks][32]
   constexpr int kChunks = chunks_per_step<kSwiglu>();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t f0 = int64_t(blockIdx.x) * kMmaFeatures;
+  uint32_t first_block;
+  const MmaMatrix mat = block_matrix(L, first_block);
+  const int64_t f0 = int64_t(blockIdx.x - first_block) * kMmaFeatures;
   // Rows g and g + 8 of this block's features; missing features of the last block re-read the last
   // row (in bounds; their sums are dropped).
-  const int64_t f_lo = f0 + g < p.out_features ? f0 + g : p.out_features - 1;
-  const int64_t f_hi = f0 + g + 8 < p.out_features ? f0 + g + 8 : p.out_features - 1;
+  const int64_t f_lo = f0 + g < mat.out_features ? f0 + g : mat.out_features - 1;
+  const int64_t f_hi = f0 + g + 8 < mat.out_features ? f0 + g + 8 : mat.out_features - 1;
   const T* src[kChunks];
-  src[0] = static_cast<const T*>(p.weight) + f_lo * p.weight_row_stride;
-  src[1] = static_cast<const T*>(p.weight) + f_hi * p.weight_row_stride;
+  src[0] = static_cast<const T*>(mat.weight) + f_lo * mat.weight_row_stride;
+  src[1] = static_cast<const T*>(mat.weight) + f_hi * mat.weight_row_stride;
   if constexpr (kSwiglu) {
-    src[2] = static_cast<const T*>(p.up) + f_lo * p.weight_row_stride;
-    src[3] = static_cast<const T*>(p.up) + f_hi * p.weight_row_stride;
+    src[2] = static_cast<const T*>(L.up) + f_lo * mat.weight_row_stride;
+    src[3] = static_cast<const T*>(L.up) + f_hi * mat.weight_row_stride;
   }
   uint4* my_ring = ring + size_t(warp) * kStages * kChunks * 32 + lane;
   const uint32_t ring_u32 = ptx::smem_u32(my_ring);
@@ -234,7 +271,7 @@ __global__ void __launch_bounds__(kWarps * 32) decode_linear_mma_kernel(const De
   constexpr int64_t kStepK = kWarps * 32;
   const int64_t k_lane = int64_t(warp) * 32 + 8 * t;
   const int64_t first_k = int64_t(warp) * 32;
-  const int64_t steps = first_k < p.in_features ? ceil_div(p.in_features - first_k, kStepK) : 0;
+  const int64_t steps = first_k < L.in_features ? ceil_div(L.in_features - first_k, kStepK) : 0;
   const auto issue = [&](int64_t step) {
     const int64_t k = k_lane + step * kStepK;
     const bool in = step < steps;
@@ -247,8 +284,8 @@ __global__ void __launch_bounds__(kWarps * 32) decode_linear_mma_kernel(const De
   for (int s = 0; s < kStages - 1; ++s) issue(s);  // the weights are not the kernel before's: ahead of the wait
   pdl_wait();  // the activations (and the output) are
 
-  const bool token = g < p.rows;
-  const T* x = static_cast<const T*>(p.x) + (token ? g : 0) * p.x_row_stride;
+  const bool token = g < L.rows;
+  const T* x = static_cast<const T*>(L.x) + (token ? g : 0) * L.x_row_stride;
   float acc[4] = {0.f, 0.f, 0.f, 0.f}, acc_up[4] = {0.f, 0.f, 0.f, 0.f};
   const uint4 zero = make_uint4(0, 0, 0, 0);
   for (int64_t step = 0; step < steps; ++step) {
@@ -266,46 +303,46 @@ __global__ void __launch_bounds__(kWarps * 32) decode_linear_mma_kernel(const De
     if constexpr (kSwiglu) mma_chunk<T>(acc_up, w[2], w[3], xv);
   }
   ptx::cp_async_wait<0>();  // no copy may land after the block has exited
-  store_tile<T, kSwiglu, kWarps>(p, f0, acc, acc_up);
+  store_tile<T, kSwiglu, kWarps>(mat, L.rows, f0, acc, acc_up);
 }
 
 // Ring depth, measured on the H200 (bench/decode_linear.py, 2026-12-02): 4 stages (3 steps ahead)
 // for the 4096-wide inputs and SwiGLU (3 or 6 for every matrix: no better per layer); the
 // 14336-wide down_proj streams 3.3 -> 3.5 TB/s with 8 (its 256 blocks give ~2 per SM, so each
 // warp needs more steps ahead).
-int ring_stages(const DecodeLinearParams& p) {
-  if (p.up != nullptr) return 4;
-  return p.in_features >= 8192 ? 8 : 4;
+int ring_stages(const MmaLaunch& L) {
+  if (L.up != nullptr) return 4;
+  return L.in_features >= 8192 ? 8 : 4;
 }
 
 template <typename T, bool kSwiglu, int kWarps, int kStages>
-cudaError_t launch_ring(const DecodeLinearParams& p, cudaStream_t stream) {
+cudaError_t launch_ring(const MmaLaunch& L, cudaStream_t stream) {
   constexpr auto kernel = decode_linear_mma_kernel<T, kSwiglu, kWarps, kStages>;
   constexpr size_t smem = ring_bytes<kSwiglu, kWarps, kStages>();
   static_assert(smem <= 200 * 1024, "the ring must fit in one SM's shared memory");
   // Over 48 KB of dynamic shared memory needs an opt-in.
   FLUX_CUDA_CHECK(opt_in_shared_memory<kernel>(int(smem)));
-  const dim3 grid(unsigned(ceil_div(p.out_features, int64_t(kMmaFeatures))));
-  return launch_pdl(kernel, grid, dim3(kWarps * 32), smem, stream, p);
+  const dim3 grid(L.m[L.count - 1].block_end);
+  return launch_pdl(kernel, grid, dim3(kWarps * 32), smem, stream, L);
 }
 
 template <typename T, bool kSwiglu, int kWarps>
-cudaError_t launch_ring_stages(const DecodeLinearParams& p, cudaStream_t stream) {
+cudaError_t launch_ring_stages(const MmaLaunch& L, cudaStream_t stream) {
   if constexpr (!kSwiglu) {
-    if (ring_stages(p) == 8) return launch_ring<T, kSwiglu, kWarps, 8>(p, stream);
+    if (ring_stages(L) == 8) return launch_ring<T, kSwiglu, kWarps, 8>(L, stream);
   }
-  return launch_ring<T, kSwiglu, kWarps, 4>(p, stream);
+  return launch_ring<T, kSwiglu, kWarps, 4>(L, stream);
 }
 
 template <typename T>
-cudaError_t launch_mma(const DecodeLinearParams& p, cudaStream_t stream) {
-  // Under one wave of 16-feature blocks (the k and v projections: 64 blocks) 16 warps per block
-  // put twice the bytes in flight on the SMs that have work (k_proj at 4 rows: 7.4 -> 5.0 us).
-  const bool wide = ceil_div(p.out_features, int64_t(kMmaFeatures)) < 128;
-  if (p.up != nullptr) {
-    return wide ? launch_ring_stages<T, true, 16>(p, stream) : launch_ring_stages<T, true, 8>(p, stream);
+cudaError_t launch_mma(const MmaLaunch& L, cudaStream_t stream) {
+  // Under one wave of 16-feature blocks (the k and v projections alone: 64 blocks) 16 warps per
+  // block put twice the bytes in flight on the SMs that have work (k_proj at 4 rows: 7.4 -> 5.0 us).
+  const bool wide = L.m[L.count - 1].block_end < 128;
+  if (L.up != nullptr) {
+    return wide ? launch_ring_stages<T, true, 16>(L, stream) : launch_ring_stages<T, true, 8>(L, stream);
   }
-  return wide ? launch_ring_stages<T, false, 16>(p, stream) : launch_ring_stages<T, false, 8>(p, stream);
+  return wide ? launch_ring_stages<T, false, 16>(L, stream) : launch_ring_stages<T, false, 8>(L, stream);
 }
 
 // FLUX_DECODE_LINEAR_KERNEL=simt forces the CUDA-core path (A/B timing); read per call (host
@@ -315,33 +352,112 @@ bool simt_forced() {
   return env != nullptr && std::strcmp(env, "simt") == 0;
 }
 
+// The tensor-core kernel (16-bit types only) at every row count (1 row: 3.57 TB/s per 8B layer, the
+// CUDA-core one 3.4) for data with 16-byte aligned rows; in_features % 32 == 0 (every model width) makes
+// each warp's k step whole.
+template <typename T>
+bool mma_eligible(const DecodeLinearParams& p) {
+  constexpr int kVec = vec_of<T>();
+  return p.in_features % 32 == 0 && p.x_row_stride % kVec == 0 &&
+         p.weight_row_stride % kVec == 0 && aligned16(p.x) && aligned16(p.weight) &&
+         (p.up == nullptr || aligned16(p.up)) && !simt_forced();
+}
+
+// Appends p's weight (and bias, out) as the next matrix of L.
+void add_matrix(MmaLaunch& L, const DecodeLinearParams& p) {
+  MmaMatrix& m = L.m[L.count];
+  m.weight = p.weight;
+  m.bias = p.bias;
+  m.out = p.out;
+  m.out_features = p.out_features;
+  m.weight_row_stride = p.weight_row_stride;
+  m.out_row_stride = p.out_row_stride;
+  const uint32_t before = L.count > 0 ? L.m[L.count - 1].block_end : 0;
+  m.block_end = before + uint32_t(ceil_div(p.out_features, int64_t(kMmaFeatures)));
+  ++L.count;
+}
+
+MmaLaunch launch_of(const DecodeLinearParams& p) {
+  MmaLaunch L;
+  L.x = p.x;
+  L.up = p.up;
+  L.rows = p.rows;
+  L.in_features = p.in_features;
+  L.x_row_stride = p.x_row_stride;
+  add_matrix(L, p);
+  return L;
+}
+
 // ---- dispatch -----------------------------------------------------------------------------------
 
 template <typename T>
 cudaError_t launch(const DecodeLinearParams& p, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (mma_eligible<T>(p)) return launch_mma<T>(launch_of(p), stream);
+  }
   constexpr int kVec = vec_of<T>();
   const bool vec = p.in_features % kVec == 0 && p.x_row_stride % kVec == 0 && p.weight_row_stride % kVec == 0 &&
                    aligned16(p.x) && aligned16(p.weight) && (p.up == nullptr || aligned16(p.up));
-  if constexpr (sizeof(T) == 2) {
-    // The tensor-core kernel at every row count (1 row: 3.57 TB/s per 8B layer, the CUDA-core one
-    // 3.4). in_features % 32 == 0 (every model width) makes each warp's k step whole.
-    if (vec && p.in_features % 32 == 0 && !simt_forced()) return launch_mma<T>(p, stream);
-  }
   return vec ? launch_vec<T, kVec>(p, stream) : launch_vec<T, 1>(p, stream);
+}
+
+bool valid(const DecodeLinearParams& p) {
+  return p.rows <= kDecodeLinearMaxRows && p.in_features > 0 && p.out_features <= (int64_t(1) << 31) &&
+         !(p.up != nullptr && p.bias != nullptr);
+}
+
+cudaError_t launch_by_dtype(const DecodeLinearParams& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DataType::kFloat32: return launch<float>(p, stream);
+    case DataType::kFloat16: return launch<__half>(p, stream);
+    case DataType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
+    case DataType::kFloat64: break;  // fp64 is CPU only (as for every op of the library)
+  }
+  return cudaErrorInvalidValue;
+}
+
+// One launch for the whole group when every member takes the tensor-core path; otherwise (fp32,
+// odd shapes) one launch per member.
+template <typename T>
+cudaError_t launch_group(const DecodeLinearGroupParams& g, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    bool together = true;
+    for (int i = 0; i < g.count; ++i) together = together && g.linear[i].out_features > 0 && mma_eligible<T>(g.linear[i]);
+    if (together) {
+      MmaLaunch L = launch_of(g.linear[0]);
+      for (int i = 1; i < g.count; ++i) add_matrix(L, g.linear[i]);
+      return launch_mma<T>(L, stream);
+    }
+  }
+  for (int i = 0; i < g.count; ++i) {
+    if (g.linear[i].out_features > 0) FLUX_CUDA_CHECK(launch<T>(g.linear[i], stream));
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
 
 cudaError_t run_decode_linear(const DecodeLinearParams& params, cudaStream_t stream) {
   if (params.rows <= 0 || params.out_features <= 0) return cudaSuccess;
-  if (params.rows > kDecodeLinearMaxRows || params.in_features <= 0 || params.out_features > (int64_t(1) << 31) ||
-      (params.up != nullptr && params.bias != nullptr))
-    return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case DataType::kFloat32: return launch<float>(params, stream);
-    case DataType::kFloat16: return launch<__half>(params, stream);
-    case DataType::kBFloat16: return launch<__nv_bfloat16>(params, stream);
-    case DataType::kFloat64: break;  // fp64 is CPU only (as for every op of the library)
+  if (!valid(params)) return cudaErrorInvalidValue;
+  return launch_by_dtype(params, stream);
+}
+
+cudaError_t run_decode_linear_group(const DecodeLinearGroupParams& params, cudaStream_t stream) {
+  if (params.count < 1 || params.count > kDecodeLinearMaxGroup) return cudaErrorInvalidValue;
+  const DecodeLinearParams& first = params.linear[0];
+  if (first.rows <= 0) return cudaSuccess;
+  for (int i = 0; i < params.count; ++i) {
+    const DecodeLinearParams& p = params.linear[i];
+    if (!valid(p) || p.up != nullptr || p.dtype != first.dtype || p.x != first.x || p.rows != first.rows ||
+        p.in_features != first.in_features || p.x_row_stride != first.x_row_stride)
+      return cudaErrorInvalidValue;
+  }
+  switch (first.dtype) {
+    case DataType::kFloat32: return launch_group<float>(params, stream);
+    case DataType::kFloat16: return launch_group<__half>(params, stream);
+    case DataType::kBFloat16: return launch_group<__nv_bfloat16>(params, stream);
+    case DataType::kFloat64: break;
   }
   return cudaErrorInvalidValue;
 }

@@ -100,4 +100,9 @@ Tensor decode_swiglu(const Tensor& x, const Tensor& gate_weight, const Tensor& u
   return handles::decode_swiglu().call(x, gate_weight, up_weight);
 }
 
+std::vector<Tensor> decode_linear_group(const Tensor& x, at::TensorList weights,
+                                        const c10::List<std::optional<Tensor>>& biases) {
+  return handles::decode_linear_group().call(x, weights, biases);
+}
+
 }  // namespace flux_attention

@@ -5,8 +5,10 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/Generator.h>
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 namespace flux_attention {
@@ -88,5 +90,9 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& q, const a
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias = std::nullopt);
 at::Tensor decode_swiglu(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& up_weight);
+// Up to 3 linears of one x (a layer's q, k and v projections) in one weight stream; biases empty or
+// one (possibly undefined) per weight.
+std::vector<at::Tensor> decode_linear_group(const at::Tensor& x, at::TensorList weights,
+                                            const c10::List<std::optional<at::Tensor>>& biases = c10::List<std::optional<at::Tensor>>());
 
 }  // namespace flux_attention

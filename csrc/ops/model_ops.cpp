@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "device.h"
@@ -235,6 +236,62 @@ Tensor decode_swiglu_kernel(const Tensor& x, const Tensor& gate_weight, const Te
   return run_decode_linear(op, sc, up, Tensor(), linear_out_shape(x, s.out_features));
 }
 
+std::vector<Tensor> decode_linear_group_kernel(const Tensor& x, at::TensorList weights,
+                                               const c10::List<std::optional<Tensor>>& biases) {
+  const char* op = "decode_linear_group";
+  const int64_t n = int64_t(weights.size());
+  FLUX_CHECK(n >= 1 && n <= flux::kDecodeLinearMaxGroup, op, "weights must hold 1 to ",
+             flux::kDecodeLinearMaxGroup, " matrices (a layer's q, k and v projections); got ", n);
+  FLUX_CHECK(biases.size() == 0 || int64_t(biases.size()) == n, op,
+             "biases must be empty or hold one entry (a tensor or None) per weight: ", n, "; got ",
+             biases.size());
+  std::vector<LinearShapes> shapes;
+  std::vector<Tensor> bias(n), outs(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const std::string name = "weights[" + std::to_string(i) + "]";
+    shapes.push_back(check_decode_linear(op, x, name.c_str(), weights[i]));
+    const std::optional<Tensor> b = biases.size() ? std::optional<Tensor>(biases.get(i)) : std::nullopt;
+    if (b.has_value() && b->defined()) {
+      const std::string bname = "biases[" + std::to_string(i) + "]";
+      check_float_pair(op, bname.c_str(), *b, "x", x);
+      FLUX_CHECK(b->dim() == 1 && b->size(0) == shapes[i].out_features, op, bname, " must be [",
+                 shapes[i].out_features, "] (", name, "'s out_features); got ", describe(*b));
+      bias[i] = b->contiguous();
+    }
+  }
+  const LinearShapes& s0 = shapes[0];
+  flux::DecodeLinearGroupParams g;
+  g.count = int(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const LinearShapes& s = shapes[i];
+    outs[i] = at::empty({s.rows, s.out_features}, s.x.options());
+    flux::DecodeLinearParams& p = g.linear[i];
+    p.dtype = checks::kernel_dtype(op, "x", s0.x);
+    p.x = s0.x.data_ptr();
+    p.weight = s.weight.data_ptr();
+    p.bias = bias[i].defined() ? bias[i].data_ptr() : nullptr;
+    p.out = outs[i].data_ptr();
+    p.rows = int(s.rows);
+    p.in_features = s.in_features;
+    p.out_features = s.out_features;
+    p.x_row_stride = s0.x.stride(0);
+    p.weight_row_stride = s.weight.stride(0);
+    p.out_row_stride = s.out_features;
+  }
+  if (s0.rows > 0 && s0.in_features == 0) {
+    // Empty sums: each output is its bias alone.
+    for (int64_t i = 0; i < n; ++i) {
+      if (bias[i].defined()) outs[i].copy_(bias[i].expand_as(outs[i]));
+      else outs[i].zero_();
+    }
+  } else if (s0.rows > 0) {
+    run_on_device(op, s0.x, [&] { flux::cpu::decode_linear_group(g); },
+                  FLUX_CUDA_LAUNCH(flux::run_decode_linear_group(g, stream)));
+  }
+  for (int64_t i = 0; i < n; ++i) outs[i] = outs[i].view(linear_out_shape(x, shapes[i].out_features));
+  return outs;
+}
+
 // ---- meta ----------------------------------------------------------------------------------------
 
 Tensor rms_norm_meta(const Tensor& x, const Tensor&, double) {
@@ -259,6 +316,17 @@ Tensor decode_swiglu_meta(const Tensor& x, const Tensor& gate_weight, const Tens
   auto shape = x.sym_sizes().vec();
   shape.back() = gate_weight.sym_size(0);
   return at::empty_symint(shape, x.options());
+}
+
+std::vector<Tensor> decode_linear_group_meta(const Tensor& x, at::TensorList weights,
+                                             const c10::List<std::optional<Tensor>>&) {
+  std::vector<Tensor> outs;
+  for (const Tensor& w : weights) {
+    auto shape = x.sym_sizes().vec();
+    shape.back() = w.sym_size(0);
+    outs.push_back(at::empty_symint(shape, x.options()));
+  }
+  return outs;
 }
 
 // ---- autograd guard ------------------------------------------------------------------------------
@@ -305,6 +373,18 @@ Tensor decode_swiglu_autograd(const Tensor& x, const Tensor& gate_weight, const 
   refuse_grad("decode_swiglu", {&x, &gate_weight, &up_weight});
   at::AutoDispatchBelowADInplaceOrView below;
   return handles::decode_swiglu().call(x, gate_weight, up_weight);
+}
+
+std::vector<Tensor> decode_linear_group_autograd(const Tensor& x, at::TensorList weights,
+                                                 const c10::List<std::optional<Tensor>>& biases) {
+  refuse_grad("decode_linear_group", {&x});
+  for (const Tensor& w : weights) refuse_grad("decode_linear_group", {&w});
+  for (size_t i = 0; i < biases.size(); ++i) {
+    const std::optional<Tensor> b = biases.get(i);
+    if (b.has_value()) refuse_grad("decode_linear_group", {&*b});
+  }
+  at::AutoDispatchBelowADInplaceOrView below;
+  return handles::decode_linear_group().call(x, weights, biases);
 }
 
 }  // namespace flux_attention

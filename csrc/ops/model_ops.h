@@ -2,7 +2,9 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 namespace flux_attention {
@@ -15,6 +17,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding_kernel(const at::Tensor& q, 
 at::Tensor decode_linear_kernel(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias);
 at::Tensor decode_swiglu_kernel(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& up_weight);
+std::vector<at::Tensor> decode_linear_group_kernel(const at::Tensor& x, at::TensorList weights,
+                                                   const c10::List<std::optional<at::Tensor>>& biases);
 
 // Meta: output shapes for torch.compile / fake tensors.
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double eps);
@@ -23,6 +27,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding_meta(const at::Tensor& q, co
                                                          const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor decode_linear_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 at::Tensor decode_swiglu_meta(const at::Tensor& x, const at::Tensor& gate_weight, const at::Tensor& up_weight);
+std::vector<at::Tensor> decode_linear_group_meta(const at::Tensor& x, at::TensorList weights,
+                                                 const c10::List<std::optional<at::Tensor>>& biases);
 
 // Autograd: these are inference kernels without a backward. Under grad mode with an input that
 // requires grad they raise (naming the fix) instead of returning outputs that cannot backpropagate;
@@ -35,5 +41,7 @@ at::Tensor decode_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias);
 at::Tensor decode_swiglu_autograd(const at::Tensor& x, const at::Tensor& gate_weight,
                                   const at::Tensor& up_weight);
+std::vector<at::Tensor> decode_linear_group_autograd(const at::Tensor& x, at::TensorList weights,
+                                                     const c10::List<std::optional<at::Tensor>>& biases);
 
 }  // namespace flux_attention

@@ -4,8 +4,10 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/SymInt.h>
 
@@ -66,6 +68,8 @@ FLUX_OP_HANDLE(rotary_embedding, "rotary_embedding",
                TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&))
 FLUX_OP_HANDLE(decode_linear, "decode_linear", Tensor(const Tensor&, const Tensor&, const OptTensor&))
 FLUX_OP_HANDLE(decode_swiglu, "decode_swiglu", Tensor(const Tensor&, const Tensor&, const Tensor&))
+FLUX_OP_HANDLE(decode_linear_group, "decode_linear_group",
+               std::vector<Tensor>(const Tensor&, at::TensorList, const c10::List<OptTensor>&))
 
 #undef FLUX_OP_HANDLE
 

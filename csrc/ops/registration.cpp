@@ -66,6 +66,7 @@ TORCH_LIBRARY(flux_attention, m) {
   // Linear layers at decode's 1-8 token rows: weight streams (csrc/cuda/decode_linear.cu).
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", tags);
   m.def("decode_swiglu(Tensor x, Tensor gate_weight, Tensor up_weight) -> Tensor", tags);
+  m.def("decode_linear_group(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor[]", tags);
 }
 
 #define FLUX_REGISTER_DEVICE_KERNELS(m)                                  \
@@ -81,7 +82,8 @@ TORCH_LIBRARY(flux_attention, m) {
   m.impl("silu_mul", &flux_attention::silu_mul_kernel);                 \
   m.impl("rotary_embedding", &flux_attention::rotary_embedding_kernel);         \
   m.impl("decode_linear", &flux_attention::decode_linear_kernel);       \
-  m.impl("decode_swiglu", &flux_attention::decode_swiglu_kernel)
+  m.impl("decode_swiglu", &flux_attention::decode_swiglu_kernel);       \
+  m.impl("decode_linear_group", &flux_attention::decode_linear_group_kernel)
 
 TORCH_LIBRARY_IMPL(flux_attention, CPU, m) { FLUX_REGISTER_DEVICE_KERNELS(m); }
 
@@ -103,6 +105,7 @@ TORCH_LIBRARY_IMPL(flux_attention, Meta, m) {
   m.impl("rotary_embedding", &flux_attention::rotary_embedding_meta);
   m.impl("decode_linear", &flux_attention::decode_linear_meta);
   m.impl("decode_swiglu", &flux_attention::decode_swiglu_meta);
+  m.impl("decode_linear_group", &flux_attention::decode_linear_group_meta);
 }
 
 // gumbel_route is a handful of ATen ops on [B, 2]: one composite kernel serves every backend.
@@ -123,4 +126,5 @@ TORCH_LIBRARY_IMPL(flux_attention, Autograd, m) {
   m.impl("rotary_embedding", &flux_attention::rotary_embedding_autograd);
   m.impl("decode_linear", &flux_attention::decode_linear_autograd);
   m.impl("decode_swiglu", &flux_attention::decode_swiglu_autograd);
+  m.impl("decode_linear_group", &flux_attention::decode_linear_group_autograd);
 }

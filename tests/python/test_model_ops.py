@@ -205,6 +205,54 @@ def test_decode_swiglu_matches_reference(device, lead, k, n):
                        lambda: swiglu_ref(x, wg, wu, dtype), dtype)
 
 
+# (leading shape of x, in_features, out_features of each member): the q/k/v shape of GQA (4:1:1, a
+# member under one 16-feature block), out_features off the 16-feature block, one and two members,
+# in_features that the tensor-core kernel does not take (1000) so the group runs member by member.
+GROUP_CASES = [((1,), 256, (128, 32, 32)), ((3, 1), 512, (70, 18, 5)), ((8,), 160, (33,)),
+               ((5,), 1000, (64, 16, 16)), ((2,), 4096, (1030, 260))]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("lead,k,ns", GROUP_CASES, ids=lambda c: str(c))
+def test_decode_linear_group_matches_reference(device, lead, k, ns):
+    for dtype in dtypes_for(device):
+        x = randn(*lead, k, dtype=dtype, device=device)
+        ws = [randn(n, k, dtype=dtype, device=device) / k ** 0.5 for n in ns]
+        bias_sets = [None, [randn(n, dtype=dtype, device=device) if i != 1 else None for i, n in enumerate(ns)]]
+        for bs in bias_sets:
+            outs = fa.decode_linear_group(x, ws, bs)
+            assert len(outs) == len(ns)
+            for i, (out, w) in enumerate(zip(outs, ws)):
+                b = None if bs is None else bs[i]
+                assert out.shape == (*lead, w.shape[0]) and out.dtype == dtype and out.is_contiguous()
+                assert_matches(f"decode_linear_group {lead} {k}x{ns}[{i}] {dtype} bias={b is not None}", out,
+                               linear_ref(x, w, b), lambda: linear_ref(x, w, b, dtype), dtype)
+                if device != "cpu":  # one launch or three: the same sums in the same order
+                    assert torch.equal(out, fa.decode_linear(x, w, b)), f"group member {i} != decode_linear"
+
+
+def test_decode_linear_group_errors_and_meta():
+    x = torch.randn(2, 8)
+    w = torch.randn(5, 8)
+    with pytest.raises(RuntimeError, match="decode_linear_group: weights must hold 1 to 3 matrices"):
+        fa.decode_linear_group(x, [w] * 4)
+    with pytest.raises(RuntimeError, match="decode_linear_group: weights must hold 1 to 3"):
+        fa.decode_linear_group(x, [])
+    with pytest.raises(RuntimeError, match=r"decode_linear_group: weights\[1\] must be \[out_features, 8\]"):
+        fa.decode_linear_group(x, [w, torch.randn(5, 7)])
+    with pytest.raises(RuntimeError, match="decode_linear_group: biases must be empty or hold one entry"):
+        fa.decode_linear_group(x, [w, w], [None])
+    with pytest.raises(RuntimeError, match=r"decode_linear_group: biases\[0\] must be \[5\]"):
+        fa.decode_linear_group(x, [w], [torch.randn(4)])
+    with pytest.raises(RuntimeError, match=r"decode_linear_group: weights\[0\] must have the dtype of x"):
+        fa.decode_linear_group(x, [w.double()])
+    with pytest.raises(RuntimeError, match="decode_linear_group: an input requires grad"):
+        fa.decode_linear_group(x, [w.requires_grad_()])
+    m = torch.empty(2, 1, 64, device="meta", dtype=BF16)
+    outs = fa.decode_linear_group(m, [torch.empty(n, 64, device="meta", dtype=BF16) for n in (96, 32)])
+    assert [o.shape for o in outs] == [(2, 1, 96), (2, 1, 32)]
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("pad", [8, 3])  # 16-byte aligned rows and not
 def test_decode_linear_strided_operands(device, pad):
@@ -351,8 +399,8 @@ def test_fuse_ops_keeps_the_model_output(device, kind, route):
         want = model(ids).logits.float()
         counts = fa.fuse_ops(model)
         n_norms = 2 * 3 + 1 + (2 * 3 if kind == "qwen3" else 0)  # 2 per layer + final (+ q/k norms)
-        assert counts == {"rms_norm": n_norms, "mlp": 3, "rope": 1, "linear": 7 * 3 + 1}
-        assert fa.fuse_ops(model) == {"rms_norm": 0, "mlp": 0, "rope": 0, "linear": 0}, "idempotent"
+        assert counts == {"rms_norm": n_norms, "mlp": 3, "rope": 1, "linear": 7 * 3 + 1, "qkv": 3}
+        assert fa.fuse_ops(model) == {"rms_norm": 0, "mlp": 0, "rope": 0, "linear": 0, "qkv": 0}, "idempotent"
         assert modeling.apply_rotary_pos_emb is not original_rope
         got = model(ids).logits.float()
     if dtype == FP32:
@@ -376,7 +424,7 @@ def test_fuse_ops_keeps_the_model_output(device, kind, route):
 
 def test_fuse_ops_ignores_other_models():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    assert fa.fuse_ops(model) == {"rms_norm": 0, "mlp": 0, "rope": 0, "linear": 0}
+    assert fa.fuse_ops(model) == {"rms_norm": 0, "mlp": 0, "rope": 0, "linear": 0, "qkv": 0}
     fa.unfuse_ops(model)
 
 
@@ -437,7 +485,7 @@ def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, batch, monk
         out = m(ids, use_cache=True)
         return m(step, past_key_values=out.past_key_values, use_cache=True).logits.float()
 
-    calls = {"decode_linear": 0, "decode_swiglu": 0}
+    calls = {"decode_linear": 0, "decode_swiglu": 0, "decode_linear_group": 0}
     for name in calls:
         real = getattr(fa.ops, name)
 
@@ -448,11 +496,11 @@ def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, batch, monk
         monkeypatch.setattr(fa.ops, name, counted)
     with torch.no_grad():
         truth, want = decode(truth_model), decode(model)
-        assert calls == {"decode_linear": 0, "decode_swiglu": 0}
+        assert calls == {"decode_linear": 0, "decode_swiglu": 0, "decode_linear_group": 0}
         fa.fuse_ops(model)
         got = decode(model)
     fa.unfuse_ops(model)
-    # Prefill (37 rows per sequence) stays on cuBLAS; the decode step runs the 4 attention linears and down_proj
-    # of each layer and the lm_head, and one SwiGLU per layer.
-    assert calls == {"decode_linear": 3 * 5 + 1, "decode_swiglu": 3}, calls
+    # Prefill (37 rows per sequence) stays on cuBLAS; the decode step runs q/k/v as one group, o_proj and
+    # down_proj of each layer and the lm_head as decode linears, and one SwiGLU per layer.
+    assert calls == {"decode_linear": 3 * 2 + 1, "decode_swiglu": 3, "decode_linear_group": 3}, calls
     assert_within_2x(f"fused decode step {route}", got, truth, want)

@@ -474,7 +474,16 @@ class Bench:
                     break
                 # The cache may be half-converted or mid-step: start again from a fresh prefill.
                 if fit >= 1 and self.budget.allows(self.estimate_prefill_s(config, length)):
-                    cache, ids, _, _ = self.run_prefill(config, length, reserve)
+                    try:
+                        cache, ids, _, _ = self.run_prefill(config, length, reserve)
+                    except torch.cuda.OutOfMemoryError:
+                        # Seen once (sdpa, 8K, after an eager decode at B=121 ran out): memory the
+                        # failed step held was not back yet. The search ends without a result
+                        # instead of failing the whole context.
+                        attempts.append({"batch": fit, "mode": mode, "result": "out of memory in the re-prefill"})
+                        log(f"largest batch {name}: the re-prefill for B={fit} ran out of memory; search ends")
+                        free_memory()
+                        break
                     pos = length
                     continue
                 break

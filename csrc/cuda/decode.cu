@@ -43,6 +43,11 @@ SplitKernel choose_kernel(const DecodeParams& p) {
 // streaming) so that splits keep >= kMinKeysPerSplit keys.
 int choose_num_splits(const DecodeParams& p, SplitKernel kernel, int num_sms) {
   if (p.num_splits > 0) return p.num_splits < kMaxSplits ? p.num_splits : kMaxSplits;
+  // FLUX_DECODE_SPLITS=n fixes the split count (measurement of the heuristic; host getenv).
+  if (const char* forced = std::getenv("FLUX_DECODE_SPLITS")) {
+    const int n = std::atoi(forced);
+    if (n > 0) return n < kMaxSplits ? n : kMaxSplits;
+  }
   if (p.batch <= 0 || p.num_heads_k <= 0 || num_sms <= 0) return 1;
   const int64_t units = kernel == SplitKernel::kMma ? mma_work_units(p) : simt_work_units(p);
   // The tensor-core kernel runs one CTA per SM with twice the keys each: on the H200 (bench/decode.py,

@@ -93,6 +93,8 @@ void check_config(const char* name) {
 int main() {
   check_config<flux::sm90::FwdConfig<__nv_bfloat16, 128>>("bf16 hd128");
   check_config<flux::sm90::FwdConfig<__half, 128>>("fp16 hd128");
+  check_config<flux::sm90::FwdConfig<__nv_bfloat16, 128, true, 176>>("bf16 hd128 176-key tiles");
+  check_config<flux::sm90::FwdConfig<__half, 128, true, 176>>("fp16 hd128 176-key tiles");
   check_config<flux::sm90::FwdConfig<__nv_bfloat16, 64>>("bf16 hd64");
   check_config<flux::sm90::FwdConfig<__half, 64>>("fp16 hd64");
   std::printf(g_failures ? "sm90 layouts: %d FAILED checks\n" : "sm90 layouts: all checks passed\n", g_failures);

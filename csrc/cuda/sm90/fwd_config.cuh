@@ -12,6 +12,15 @@
 // while the other warpgroup runs exp2.
 #pragma once
 
+// The 64 x 176 wgmma of the wide key tile is one of CuTe's "extended" MMA shapes, which its headers
+// declare (and its op selectors consider) only under this macro; without it the selector silently
+// tiles S with 64 x 16 MMAs (11x the instructions: 0.73x cuDNN measured). It must precede every
+// CuTe include of the translation unit, so this header goes first wherever it is used; the
+// static_assert on the chosen MMA below catches any other order.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
+
 #include <cute/tensor.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
@@ -33,18 +42,28 @@ template <> struct CuteType<__half> { using type = cutlass::half_t; };
 using GmemShape = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
 using GmemStride = cute::Stride<int64_t, cute::_1, int64_t, int64_t>;
 
-template <typename T, int kHeadDim_, bool kPingpong_ = true>
+// kBlockN_: keys per tile; the launcher instantiates 128. 176 (FA3's choice for dense non-causal
+// hd128) amortises each key tile's fixed cost (row max and sum shuffles, the O rescale, mbarrier
+// waits, the pingpong hand-over) over 37% more columns; measured on the H200 with 40 + 2 x 232
+// registers it gave non-causal 16K 588-607 TFLOP/s against 576-594 for 128 (docs/perf_notes.md),
+// and it is not dispatched until it has passed the correctness suite on the device. The layouts
+// test (tests/cpp/sm90_layouts.cu) checks it.
+template <typename T, int kHeadDim_, bool kPingpong_ = true, int kBlockN_ = 128>
 struct FwdConfig {
   using Element = typename CuteType<T>::type;
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "sm90 forward: head_dim 64 or 128");
 
-  // hd128: 2 consumer warpgroups (128 query rows) with 2 K/V stages fill 160 KB of shared memory;
-  // a third stage would leave no room for anything else. hd64: rows are cheaper in registers and
-  // each K/V byte is reused by fewer FLOPs, so 3 consumers (192 rows) and 3 stages amortise loads.
+  // hd128: 2 consumer warpgroups (128 query rows) with 2 K/V stages fill 160 KB of shared memory
+  // (208 KB with 176-key tiles); a third stage would leave no room for anything else. hd64: rows
+  // are cheaper in registers and each K/V byte is reused by fewer FLOPs, so 3 consumers (192 rows)
+  // and 3 stages amortise loads.
   static constexpr int kNumMmaWarpgroups = kHeadDim == 64 ? 3 : 2;
   static constexpr int kBlockM = 64 * kNumMmaWarpgroups;
-  static constexpr int kBlockN = 128;
+  static constexpr int kBlockN = kBlockN_;
+  // wgmma: N of S = Q K^T a multiple of 8 up to 256, K of O = P V a multiple of 16.
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "sm90 forward: BLK_N a multiple of 16, at most 256");
+  static_assert(kBlockN == 128 || kHeadDim == 128, "sm90 forward: the wide key tile is for hd128");
   static constexpr int kStages = kHeadDim == 64 ? 3 : 2;
   static constexpr int kThreads = 128 * (kNumMmaWarpgroups + 1);
   static constexpr bool kPingpong = kPingpong_;
@@ -53,6 +72,11 @@ struct FwdConfig {
   // (sum over warpgroups <= 512 per thread slot). At 24 registers the producer's 64-bit tile walk of
   // v4 spilled ~400 bytes (its loop is 32-bit since v5; 24 not re-measured). 2 consumers: 40 + 2 x 232
   // = 504; 3 consumers: 32 + 3 x 160 = 512 (ptxas reports ~500 bytes of spills at hd64).
+  // The kernel launches at 168 registers per thread (384 threads) and setmaxnreg.inc waits until
+  // setmaxnreg.dec has freed enough: with 32 + 2 x 240 (tried for 176-key tiles, 2026-12-03) every
+  // non-causal hd128 call ran past its timeout on the H200 while the 128-key calls finished, as if
+  // the allocation never fit (it needs all 65536 registers, with no slack). 24 + 2 x 240 (FA3's) fits
+  // with slack but spills 64 more producer bytes; both are untried for correctness.
   static constexpr int kProducerRegs = kNumMmaWarpgroups == 2 ? 40 : 32;
   static constexpr int kConsumerRegs = kNumMmaWarpgroups == 2 ? 232 : 160;
 
@@ -75,6 +99,9 @@ struct FwdConfig {
   using TiledMmaQK = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float,
                                  cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kHeadDim>>>()));
+  static_assert(cute::size<1>(typename TiledMmaQK::AtomShape_MNK{}) == kBlockN,
+                "sm90 forward: S = Q K^T must be one wgmma per k step (CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED "
+                "was not defined before CuTe's first include)");
   using TiledMmaPV = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<Element, Element, float,
                                  cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockN>>,

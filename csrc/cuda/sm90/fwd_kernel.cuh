@@ -7,6 +7,8 @@
 // touching the pipeline or the math.
 #pragma once
 
+#include "fwd_config.cuh"  // first: it sets the CuTe configuration macro (see there)
+
 #include <cmath>
 
 #include <cute/tensor.hpp>
@@ -17,7 +19,6 @@
 #include "flux/params.h"
 #include "flux/streaming.h"
 #include "flux/tile_mask_plan.h"
-#include "fwd_config.cuh"
 #include "sync.cuh"
 
 namespace flux::sm90 {

@@ -41,13 +41,13 @@ FwdArgs<Cfg> make_fwd_args(const AttnFwdParams& p) {
   return a;
 }
 
-template <typename T, int kHeadDim, bool kPingpong>
+template <typename T, int kHeadDim, bool kPingpong, int kBlockN>
 cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
-  using Cfg = FwdConfig<T, kHeadDim, kPingpong>;
+  using Cfg = FwdConfig<T, kHeadDim, kPingpong, kBlockN>;
   const FwdArgs<Cfg> args = make_fwd_args<Cfg>(p);
-  auto kernel = attention_fwd_sm90_kernel<Cfg>;
+  constexpr auto kernel = attention_fwd_sm90_kernel<Cfg>;
   const int smem = Cfg::kSmemBytes + 1024;  // + alignment slack (see the kernel)
-  FLUX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  FLUX_CUDA_CHECK(opt_in_shared_memory<kernel>(smem));
   const int64_t m_blocks = ceil_div<int64_t>(p.seqlen_q, Cfg::kBlockM);
   if (m_blocks > 65535) return cudaErrorInvalidValue;  // grid.y; fwd_sm90_supported rules it out
   const dim3 grid(static_cast<unsigned>(p.num_heads_q), static_cast<unsigned>(m_blocks),
@@ -60,8 +60,8 @@ cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
 template <typename T, int kHeadDim>
 cudaError_t run_attention_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream) {
   // FLUX_SM90_PINGPONG=0 selects the variant without warpgroup turn-taking (kept for measurement).
-  return fwd_pingpong_enabled() ? launch_fwd<T, kHeadDim, true>(p, stream)
-                                : launch_fwd<T, kHeadDim, false>(p, stream);
+  return fwd_pingpong_enabled() ? launch_fwd<T, kHeadDim, true, 128>(p, stream)
+                                : launch_fwd<T, kHeadDim, false, 128>(p, stream);
 }
 
 }  // namespace flux::sm90

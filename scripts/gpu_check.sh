@@ -4,7 +4,8 @@
 #   scripts/gpu_check.sh [--quick] [--no-bench] [--no-sanitizer] [--prebuilt] [--e2e] [--train]
 #     --prebuilt  use the extension already in flux_attention/ when it imports with CUDA (e.g. one
 #                 built elsewhere against the same torch and carried over) instead of building
-#     --e2e       also run bench/e2e.py (Llama-3.1-8B shape through transformers, ~5 min) and
+#     --e2e       also run bench/e2e.py (Llama-3.1-8B shape through transformers, ~5 min; again with
+#                 fuse_ops, ~5.5 min) and
 #                 bench/e2e_profile.py (its per-layer kernel breakdown, ~40 s)
 #     --train     also run scripts/train_gpu_check.sh (8B-shape router training throughput, ~2.5 min)
 # Logs and results go to $OUT (the device tool's output folder) or /tmp/flux-gpu-check.
@@ -77,9 +78,10 @@ if [ $BENCH = 1 ]; then
   done
 fi
 [ $E2E = 1 ] && step bench_e2e timeout 450 $PY bench/e2e.py $([ $QUICK = 1 ] && echo --quick) --out-dir "$OUT"
-# The same at 128K with the fused model ops (flux_attention.fuse_ops) and the sdpa_fused anchor.
-[ $E2E = 1 ] && [ $QUICK = 0 ] && step bench_e2e_fused timeout 300 $PY bench/e2e.py --fused-ops --lengths 131072 \
-  --configs sdpa,sdpa_fused,flux_fa,flux_sa75,flux_sa90,flux_sa100 --batches 1 --no-largest --out-dir "$OUT"
+# Every issue-10 check in one run, with the fused model ops (flux_attention.fuse_ops) and the
+# sdpa_fused anchor: all lengths, batches 1 and 4, the largest batch (~320 s on the H200).
+[ $E2E = 1 ] && [ $QUICK = 0 ] && step bench_e2e_fused timeout 570 $PY bench/e2e.py --fused-ops --budget-s 500 \
+  --name e2e_h200_fused_full --out-dir "$OUT"
 # Where the end-to-end time goes: per-layer kernel time by category of a 128K prefill and decode step.
 [ $E2E = 1 ] && step bench_e2e_profile timeout 200 $PY bench/e2e_profile.py --out-dir "$OUT"
 [ $TRAIN = 1 ] && step train_check env PYTHON=$PY bash scripts/train_gpu_check.sh

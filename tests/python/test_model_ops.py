@@ -504,3 +504,32 @@ def test_fuse_ops_decode_step_uses_the_decode_linears(device, route, batch, monk
     # down_proj of each layer and the lm_head as decode linears, and one SwiGLU per layer.
     assert calls == {"decode_linear": 3 * 2 + 1, "decode_swiglu": 3, "decode_linear_group": 3}, calls
     assert_within_2x(f"fused decode step {route}", got, truth, want)
+
+
+def test_projection_group_returns_kept_outputs_only_for_the_same_input():
+    """fuse_ops' q/k/v group: the first member computes all three; the others get the kept outputs
+    for the very tensor the group read, once, and nothing for another tensor or after an in-place
+    change (their own forward then computes)."""
+    from flux_attention.fused import _ProjectionGroup
+
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(32, n, bias=(n == 8)) for n in (16, 8, 8)]
+    group = _ProjectionGroup(linears)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        want = [m(x) for m in linears]
+        q = group.compute(0, x)
+        assert torch.allclose(q, want[0], atol=1e-5)
+        assert group.take(2, torch.randn(2, 32)) is None, "another tensor"
+        k = group.take(1, x)
+        assert k is not None and torch.allclose(k, want[1], atol=1e-5)
+        assert group.take(1, x) is None, "each kept output is taken once"
+        v = group.take(2, x)
+        assert v is not None and torch.allclose(v, want[2], atol=1e-5)
+        assert group._x is None, "the input is released once both outputs are taken"
+        # A member that runs first keeps the other two; an in-place change of x invalidates them.
+        group.compute(1, x)
+        x.add_(1.0)
+        assert group.take(0, x) is None and group.take(2, x) is None
+    # Under grad with weights that require it, the group does not compute (the module's own path does).
+    assert group.compute(0, x) is None

@@ -178,27 +178,49 @@ std::vector<int64_t> linear_out_shape(const Tensor& x, int64_t out_features) {
   return shape;
 }
 
+// The optional bias of a linear with out_features outputs, checked ("<name> must be [n]") and
+// contiguous; undefined when absent.
+Tensor checked_bias(const char* op, const char* name, const std::optional<Tensor>& bias, const Tensor& x,
+                    const LinearShapes& s, const char* weight_name) {
+  if (!bias.has_value() || !bias->defined()) return Tensor();
+  check_float_pair(op, name, *bias, "x", x);
+  FLUX_CHECK(bias->dim() == 1 && bias->size(0) == s.out_features, op, name, " must be [", s.out_features,
+             "] (", weight_name, "'s out_features); got ", describe(*bias));
+  return bias->contiguous();
+}
+
+// The kernel parameters of one linear (or SwiGLU pair) writing its [rows, out_features] output.
+flux::DecodeLinearParams linear_params(const char* op, const LinearShapes& s, const Tensor& up, const Tensor& bias,
+                                       const Tensor& out) {
+  flux::DecodeLinearParams p;
+  p.dtype = checks::kernel_dtype(op, "x", s.x);
+  p.x = s.x.data_ptr();
+  p.weight = s.weight.data_ptr();
+  p.up = up.defined() ? up.data_ptr() : nullptr;
+  p.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.rows = int(s.rows);
+  p.in_features = s.in_features;
+  p.out_features = s.out_features;
+  p.x_row_stride = s.x.stride(0);
+  p.weight_row_stride = s.weight.stride(0);
+  p.out_row_stride = s.out_features;
+  return p;
+}
+
+// An empty sum (in_features == 0): the bias alone (silu(0) * 0 = 0 for SwiGLU).
+void fill_empty_sum(Tensor& out, const Tensor& bias) {
+  if (bias.defined()) out.copy_(bias.expand_as(out));
+  else out.zero_();
+}
+
 Tensor run_decode_linear(const char* op, const LinearShapes& s, const Tensor& up, const Tensor& bias,
                          std::vector<int64_t> out_shape) {
   Tensor out = at::empty({s.rows, s.out_features}, s.x.options());
   if (out.numel() > 0 && s.in_features == 0) {
-    // An empty sum: the bias alone (silu(0) * 0 = 0 for SwiGLU).
-    if (bias.defined()) out.copy_(bias.expand_as(out));
-    else out.zero_();
+    fill_empty_sum(out, bias);
   } else if (out.numel() > 0) {
-    flux::DecodeLinearParams p;
-    p.dtype = checks::kernel_dtype(op, "x", s.x);
-    p.x = s.x.data_ptr();
-    p.weight = s.weight.data_ptr();
-    p.up = up.defined() ? up.data_ptr() : nullptr;
-    p.bias = bias.defined() ? bias.data_ptr() : nullptr;
-    p.out = out.data_ptr();
-    p.rows = int(s.rows);
-    p.in_features = s.in_features;
-    p.out_features = s.out_features;
-    p.x_row_stride = s.x.stride(0);
-    p.weight_row_stride = s.weight.stride(0);
-    p.out_row_stride = s.out_features;
+    const flux::DecodeLinearParams p = linear_params(op, s, up, bias, out);
     run_on_device(op, s.x, [&] { flux::cpu::decode_linear(p); },
                   FLUX_CUDA_LAUNCH(flux::run_decode_linear(p, stream)));
   }
@@ -210,13 +232,7 @@ Tensor run_decode_linear(const char* op, const LinearShapes& s, const Tensor& up
 Tensor decode_linear_kernel(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias_in) {
   const char* op = "decode_linear";
   const LinearShapes s = check_decode_linear(op, x, "weight", weight);
-  Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_float_pair(op, "bias", *bias_in, "x", x);
-    FLUX_CHECK(bias_in->dim() == 1 && bias_in->size(0) == s.out_features, op, "bias must be [",
-               s.out_features, "] (weight's out_features); got ", describe(*bias_in));
-    bias = bias_in->contiguous();
-  }
+  const Tensor bias = checked_bias(op, "bias", bias_in, x, s, "weight");
   return run_decode_linear(op, s, Tensor(), bias, linear_out_shape(x, s.out_features));
 }
 
@@ -250,40 +266,23 @@ std::vector<Tensor> decode_linear_group_kernel(const Tensor& x, at::TensorList w
   for (int64_t i = 0; i < n; ++i) {
     const std::string name = "weights[" + std::to_string(i) + "]";
     shapes.push_back(check_decode_linear(op, x, name.c_str(), weights[i]));
-    const std::optional<Tensor> b = biases.size() ? std::optional<Tensor>(biases.get(i)) : std::nullopt;
-    if (b.has_value() && b->defined()) {
-      const std::string bname = "biases[" + std::to_string(i) + "]";
-      check_float_pair(op, bname.c_str(), *b, "x", x);
-      FLUX_CHECK(b->dim() == 1 && b->size(0) == shapes[i].out_features, op, bname, " must be [",
-                 shapes[i].out_features, "] (", name, "'s out_features); got ", describe(*b));
-      bias[i] = b->contiguous();
-    }
+    const std::string bias_name = "biases[" + std::to_string(i) + "]";
+    bias[i] = checked_bias(op, bias_name.c_str(), biases.size() ? std::optional<Tensor>(biases.get(i)) : std::nullopt,
+                           x, shapes[i], name.c_str());
   }
+  // Every member reads the first member's [rows, in] view of x: the group kernel takes one x, and
+  // check_decode_linear copies a non-viewable x afresh for each weight.
   const LinearShapes& s0 = shapes[0];
   flux::DecodeLinearGroupParams g;
   g.count = int(n);
   for (int64_t i = 0; i < n; ++i) {
-    const LinearShapes& s = shapes[i];
-    outs[i] = at::empty({s.rows, s.out_features}, s.x.options());
-    flux::DecodeLinearParams& p = g.linear[i];
-    p.dtype = checks::kernel_dtype(op, "x", s0.x);
-    p.x = s0.x.data_ptr();
-    p.weight = s.weight.data_ptr();
-    p.bias = bias[i].defined() ? bias[i].data_ptr() : nullptr;
-    p.out = outs[i].data_ptr();
-    p.rows = int(s.rows);
-    p.in_features = s.in_features;
-    p.out_features = s.out_features;
-    p.x_row_stride = s0.x.stride(0);
-    p.weight_row_stride = s.weight.stride(0);
-    p.out_row_stride = s.out_features;
+    LinearShapes s = shapes[i];
+    s.x = s0.x;
+    outs[i] = at::empty({s.rows, s.out_features}, s0.x.options());
+    g.linear[i] = linear_params(op, s, Tensor(), bias[i], outs[i]);
   }
   if (s0.rows > 0 && s0.in_features == 0) {
-    // Empty sums: each output is its bias alone.
-    for (int64_t i = 0; i < n; ++i) {
-      if (bias[i].defined()) outs[i].copy_(bias[i].expand_as(outs[i]));
-      else outs[i].zero_();
-    }
+    for (int64_t i = 0; i < n; ++i) fill_empty_sum(outs[i], bias[i]);
   } else if (s0.rows > 0) {
     run_on_device(op, s0.x, [&] { flux::cpu::decode_linear_group(g); },
                   FLUX_CUDA_LAUNCH(flux::run_decode_linear_group(g, stream)));

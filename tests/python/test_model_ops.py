@@ -229,6 +229,11 @@ def test_decode_linear_group_matches_reference(device, lead, k, ns):
                                linear_ref(x, w, b), lambda: linear_ref(x, w, b, dtype), dtype)
                 if device != "cpu":  # one launch or three: the same sums in the same order
                     assert torch.equal(out, fa.decode_linear(x, w, b)), f"group member {i} != decode_linear"
+        # x with a non-unit last stride is copied by the op: every member must read the same copy.
+        xc = randn(k, 3, dtype=dtype, device=device).t()
+        for out, w in zip(fa.decode_linear_group(xc, ws), ws):
+            assert_matches(f"decode_linear_group column-major x {k}x{ns} {dtype}", out, linear_ref(xc, w),
+                           lambda: linear_ref(xc, w, None, dtype), dtype)
 
 
 def test_decode_linear_group_errors_and_meta():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import print_table, time_ms, write_results  # noqa: E402
+from bench.common import print_table, time_ms, with_env, write_results  # noqa: E402
 
 import flux_attention as fa  # noqa: E402
 
@@ -98,6 +98,8 @@ def bench_dense(quick, fwd_only=False, flex=True):
             "sdpa_cudnn": sdpa_fn(torch.nn.attention.SDPBackend.CUDNN_ATTENTION, q, k, v, causal),
             "sdpa_flash": sdpa_fn(torch.nn.attention.SDPBackend.FLASH_ATTENTION, q, k, v, causal),
         }
+        if d == 128 and not causal:  # the A/B of the 176-key tile (fwd_block_n) against 128 keys
+            impls["flux_n128"] = with_env("FLUX_SM90_FWD_BLOCK_N", "128", impls["flux"])
         if flex and not quick:
             mm = (lambda b_, h_, qi, ki: qi >= ki) if causal else (lambda b_, h_, qi, ki: qi >= 0)
             impls["flex"] = flex_fn(q, k, v, mm, s)
@@ -115,6 +117,9 @@ def bench_dense(quick, fwd_only=False, flex=True):
         rows.append([d, s, b, "causal" if causal else "full", "fwd+bwd" if bwd else "fwd",
                      res["flux"], tf["flux"], tf["sdpa_cudnn"], tf["sdpa_flash"],
                      tf.get("flex", float("nan")), rec["vs_cudnn"]])
+        if "flux_n128" in res:
+            print(f"  D={d} S={s} non-causal: 176-key tiles {tf['flux']:.0f} TFLOP/s, 128-key tiles "
+                  f"{tf['flux_n128']:.0f} (cuDNN {tf['sdpa_cudnn']:.0f})")
         del q, k, v
     print("\nDense attention (TFLOP/s; ratio = cuDNN time / ours, > 1 means we are faster)")
     print_table(["D", "S", "B", "mask", "pass", "ours ms", "ours", "cudnn", "flash", "flex", "ratio"], rows)

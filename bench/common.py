@@ -127,3 +127,18 @@ def print_table(headers: List[str], rows: List[List[object]]) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def with_env(name, value, fn):
+    """fn, run with environment variable name=value (the kernels' A/B knobs are read per call)."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run

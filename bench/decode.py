@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import graph_time_ms, print_table, time_ms, write_results  # noqa: E402
+from bench.common import graph_time_ms, print_table, time_ms, with_env, write_results  # noqa: E402
 
 import flux_attention as fa  # noqa: E402
 
@@ -91,20 +91,6 @@ def timed(fns, calls=4):
     out["eager_ms"] = time_ms(one, warmup_ms=5, rep_ms=30)["median_ms"]
     out["ms"] = out.get("graph_ms", out["eager_ms"])
     return out
-
-
-def with_env(name, value, fn):
-    def run():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return run
 
 
 def shuffled_pages(k, v, b, length):

@@ -75,8 +75,11 @@ template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(const DecodeParams p, int num_splits) {
   __shared__ float s_w[kCombineWarps][kMaxSplits];
   // Launched early (programmatic dependent launch): wait until the split kernel's partials are
-  // complete and visible. A no-op when there is no programmatic dependency.
+  // complete and visible. A no-op when there is no programmatic dependency. Then let the next
+  // kernel (o_proj in a decode step, the next layer's split kernel in a benchmark) be scheduled:
+  // its launch latency hides under this merge, and it waits for our output in its own pdl_wait.
   pdl_wait();
+  pdl_launch_dependents();
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int64_t rows = partial_rows(p);

@@ -207,6 +207,31 @@ def test_full_varlen(device, case, causal, dtype):
                     causal=causal)
 
 
+KEY_TILE_LENGTHS = [(1, 175), (129, 176), (300, 177), (64, 352), (200, 353), (129, 1000)]
+
+
+@pytest.mark.parametrize("block_n", ["176", "128"])
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_full_noncausal_hd128_key_tiles(device, monkeypatch, block_n, dtype):
+    """Dense non-causal hd128 runs 176-key tiles on sm_90a (FLUX_SM90_FWD_BLOCK_N=128 forces 128):
+    key counts on both sides of tile boundaries, GQA, padded and varlen, both widths against the
+    reference. On other devices the knob changes nothing and the test still checks the op."""
+    monkeypatch.setenv("FLUX_SM90_FWD_BLOCK_N", block_n)
+    for seqlen_q, seqlen_k in KEY_TILE_LENGTHS:
+        q = randn(2, seqlen_q, 8, 128, dtype=dtype, device=device)
+        k = randn(2, seqlen_k, 2, 128, dtype=dtype, device=device)
+        v = randn(2, seqlen_k, 2, 128, dtype=dtype, device=device)
+        out, lse = fa.full_attention(q, k, v)
+        check_attention(f"full hd128 {seqlen_q}x{seqlen_k}", out, lse, q, k, v, dtype)
+    lens_q, lens_k = [1, 0, 176, 300, 129], [175, 9, 177, 353, 1000]
+    q, cu_q = pack_varlen(lens_q, 8, 128, dtype=dtype, device=device)
+    k, cu_k = pack_varlen(lens_k, 2, 128, dtype=dtype, device=device, extra_rows=5)
+    v, _ = pack_varlen(lens_k, 2, 128, dtype=dtype, device=device, extra_rows=5)
+    out, lse = fa.full_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
+                                 max_seqlen_k=max(lens_k))
+    check_attention("full hd128 varlen", out, lse, q, k, v, dtype, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
 def test_full_varlen_without_max_seqlen(device):
     """max_seqlen_* are optional: the op derives them from cu_seqlens."""
     q, cu = pack_varlen([30, 0, 90], 2, 32, dtype=FP32, device=device)

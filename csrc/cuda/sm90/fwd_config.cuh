@@ -42,12 +42,10 @@ template <> struct CuteType<__half> { using type = cutlass::half_t; };
 using GmemShape = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
 using GmemStride = cute::Stride<int64_t, cute::_1, int64_t, int64_t>;
 
-// kBlockN_: keys per tile; the launcher instantiates 128. 176 (FA3's choice for dense non-causal
-// hd128) amortises each key tile's fixed cost (row max and sum shuffles, the O rescale, mbarrier
-// waits, the pingpong hand-over) over 37% more columns; measured on the H200 with 40 + 2 x 232
-// registers it gave non-causal 16K 588-607 TFLOP/s against 576-594 for 128 (docs/perf_notes.md),
-// and it is not dispatched until it has passed the correctness suite on the device. The layouts
-// test (tests/cpp/sm90_layouts.cu) checks it.
+// kBlockN_: keys per tile, 128 or (hd128) 176. 176 (FA3's choice for dense non-causal hd128,
+// dispatched by fwd_block_n) amortises each key tile's fixed cost (row max and sum shuffles, the O
+// rescale, mbarrier waits, the pingpong hand-over) over 37% more columns (docs/perf_notes.md has the
+// measurements). The layouts test (tests/cpp/sm90_layouts.cu) checks both widths.
 template <typename T, int kHeadDim_, bool kPingpong_ = true, int kBlockN_ = 128>
 struct FwdConfig {
   using Element = typename CuteType<T>::type;
@@ -68,17 +66,18 @@ struct FwdConfig {
   static constexpr int kThreads = 128 * (kNumMmaWarpgroups + 1);
   static constexpr bool kPingpong = kPingpong_;
 
-  // Register budget per thread after setmaxnreg: the 64K-register file split over the warpgroups
-  // (sum over warpgroups <= 512 per thread slot). At 24 registers the producer's 64-bit tile walk of
-  // v4 spilled ~400 bytes (its loop is 32-bit since v5; 24 not re-measured). 2 consumers: 40 + 2 x 232
-  // = 504; 3 consumers: 32 + 3 x 160 = 512 (ptxas reports ~500 bytes of spills at hd64).
-  // The kernel launches at 168 registers per thread (384 threads) and setmaxnreg.inc waits until
-  // setmaxnreg.dec has freed enough: with 32 + 2 x 240 (tried for 176-key tiles, 2026-12-03) every
-  // non-causal hd128 call ran past its timeout on the H200 while the 128-key calls finished, as if
-  // the allocation never fit (it needs all 65536 registers, with no slack). 24 + 2 x 240 (FA3's) fits
-  // with slack but spills 64 more producer bytes; both are untried for correctness.
-  static constexpr int kProducerRegs = kNumMmaWarpgroups == 2 ? 40 : 32;
-  static constexpr int kConsumerRegs = kNumMmaWarpgroups == 2 ? 232 : 160;
+  // Register budget per thread after setmaxnreg: the CTA's registers at launch (168 per thread x 384
+  // threads = 64512 at hd128) redistributed over the warpgroups; setmaxnreg.inc waits until
+  // setmaxnreg.dec has freed enough, so the split must sum to at most 504 per thread slot (2
+  // consumers) or it never fits: 32 + 2 x 240 = 512 (tried for 176-key tiles, 2026-12-03) made every
+  // such call hang on the H200. 128-key tiles: 40 + 2 x 232 (the producer's 32-bit tile walk does
+  // not spill at 40). 176-key tiles hold 88 S + 64 O + 44 P accumulator registers: 24 + 2 x 240
+  // (FA3's split for this tile), the producer spilling a few bytes outside its loop. 3 consumers
+  // (hd64): 32 + 3 x 160 = 512 on 128 x 512 = 65536 at launch (ptxas: ~500 bytes of spills).
+  static constexpr int kProducerRegs = kNumMmaWarpgroups == 3 ? 32 : (kBlockN > 128 ? 24 : 40);
+  static constexpr int kConsumerRegs = kNumMmaWarpgroups == 3 ? 160 : (kBlockN > 128 ? 240 : 232);
+  static_assert(kNumMmaWarpgroups == 3 || kProducerRegs + 2 * kConsumerRegs <= 504,
+                "sm90 forward: the setmaxnreg split must fit the registers the CTA launched with");
 
   // Shared memory: 128-byte swizzle, K-major (head_dim contiguous), the only layout in which both
   // TMA writes and wgmma reads are bank-conflict-free for 16-bit rows of >= 64 elements.

@@ -27,6 +27,12 @@ bool fwd_pingpong_enabled() {
   return on;
 }
 
+int fwd_block_n(const AttnFwdParams& p) {
+  if (p.head_dim != 128 || p.causal || p.sparse_mode != SparseMode::kDense || !fwd_pingpong_enabled()) return 128;
+  const char* v = std::getenv("FLUX_SM90_FWD_BLOCK_N");
+  return v != nullptr && std::strcmp(v, "128") == 0 ? 128 : 176;
+}
+
 bool fwd_sm90_supported(const AttnFwdParams& p) {
   if (p.dtype != DataType::kBFloat16 && p.dtype != DataType::kFloat16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;

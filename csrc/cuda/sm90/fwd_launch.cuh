@@ -59,9 +59,13 @@ cudaError_t launch_fwd(const AttnFwdParams& p, cudaStream_t stream) {
 
 template <typename T, int kHeadDim>
 cudaError_t run_attention_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream) {
-  // FLUX_SM90_PINGPONG=0 selects the variant without warpgroup turn-taking (kept for measurement).
-  return fwd_pingpong_enabled() ? launch_fwd<T, kHeadDim, true, 128>(p, stream)
-                                : launch_fwd<T, kHeadDim, false, 128>(p, stream);
+  // FLUX_SM90_PINGPONG=0 selects the variant without warpgroup turn-taking (kept for measurement,
+  // 128-key tiles only).
+  if (!fwd_pingpong_enabled()) return launch_fwd<T, kHeadDim, false, 128>(p, stream);
+  if constexpr (kHeadDim == 128) {
+    if (fwd_block_n(p) == 176) return launch_fwd<T, kHeadDim, true, 176>(p, stream);
+  }
+  return launch_fwd<T, kHeadDim, true, 128>(p, stream);
 }
 
 }  // namespace flux::sm90

@@ -24,7 +24,8 @@ namespace flux {
 namespace decode {
 namespace {
 
-constexpr int kCombineWarps = 4;
+constexpr int kCombineThreads = 128;
+static_assert(kMaxSplits % kCombineThreads == 0, "each thread loads the same number of lse partials");
 
 enum class SplitKernel { kMma, kSimt };
 
@@ -69,51 +70,105 @@ int choose_num_splits(const DecodeParams& p, SplitKernel kernel, int num_sms) {
   return int(imax(1, imin(splits, kMaxSplits)));
 }
 
-// One warp per (sequence, token, q head) row: weights w_s = exp(lse_s - max), out = sum w_s o_s /
+// One CTA per (sequence, token, q head) row: weights w_s = exp(lse_s - max), out = sum w_s o_s /
 // sum w_s, lse = max + log(sum w_s). All splits empty (no visible key) -> out 0, lse -inf.
+// Latency, not bandwidth, is its cost (B=1: 32 rows x 16 splits x 512 B, from L2): the lse loads are
+// one round trip for every split at once, then the threads split into head_dim / 4 float4 columns x
+// `groups` split groups so each thread has a few independent o loads in flight (16 splits at
+// D = 128: 4 per thread, one round trip), and the groups add up in shared memory in a fixed order
+// (deterministic). The previous warp-per-row version looped over the splits serially per lane.
 template <typename T>
-__global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(const DecodeParams p, int num_splits) {
-  __shared__ float s_w[kCombineWarps][kMaxSplits];
+__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeParams p, int num_splits) {
+  constexpr int kWarps = kCombineThreads / 32;
+  constexpr int kLsePerThread = kMaxSplits / kCombineThreads;
+  __shared__ float s_w[kMaxSplits];
+  __shared__ float s_max[kWarps], s_sum[kWarps];
+  __shared__ float4 s_acc[kCombineThreads];
   // Launched early (programmatic dependent launch): wait until the split kernel's partials are
   // complete and visible. A no-op when there is no programmatic dependency. Then let the next
   // kernel (o_proj in a decode step, the next layer's split kernel in a benchmark) be scheduled:
   // its launch latency hides under this merge, and it waits for our output in its own pdl_wait.
   pdl_wait();
   pdl_launch_dependents();
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
   const int64_t rows = partial_rows(p);
-  const int64_t row = int64_t(blockIdx.x) * kCombineWarps + warp;
-  if (row >= rows) return;  // whole warp exits; no block-wide barrier follows
+  const int64_t row = blockIdx.x;
+  const float* lse_part = lse_partials(p, num_splits);
+
+  float lse[kLsePerThread];
+  float m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kLsePerThread; ++i) {
+    const int s = tid + i * kCombineThreads;
+    lse[i] = s < num_splits ? lse_part[s * rows + row] : -INFINITY;
+    m = fmaxf(m, lse[i]);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if (lane == 0) s_max[warp] = m;
+  __syncthreads();
+  float m_all = s_max[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) m_all = fmaxf(m_all, s_max[w]);
+
+  float l = 0.f;
+#pragma unroll
+  for (int i = 0; i < kLsePerThread; ++i) {
+    const int s = tid + i * kCombineThreads;
+    if (s < num_splits) {
+      const float w = m_all == -INFINITY ? 0.f : expf(lse[i] - m_all);
+      s_w[s] = w;
+      l += w;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) l += __shfl_xor_sync(0xffffffffu, l, off);
+  if (lane == 0) s_sum[warp] = l;
+  __syncthreads();  // s_w and s_sum complete
+  float l_all = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) l_all += s_sum[w];
+
+  // Thread -> (split group, float4 column); head_dim is a multiple of 4 (32, 64, 96, 128, 256).
+  const int cols = p.head_dim / 4;
+  const int groups = kCombineThreads / cols;
+  const int grp = tid / cols;
+  const int col = tid % cols;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (grp < groups) {
+    const float4* o_part = reinterpret_cast<const float4*>(o_partials(p));
+#pragma unroll 4
+    for (int s = grp; s < num_splits; s += groups) {
+      const float w = s_w[s];
+      const float4 o = o_part[(s * rows + row) * cols + col];
+      acc.x = fmaf(w, o.x, acc.x);
+      acc.y = fmaf(w, o.y, acc.y);
+      acc.z = fmaf(w, o.z, acc.z);
+      acc.w = fmaf(w, o.w, acc.w);
+    }
+  }
+  s_acc[tid] = acc;
+  __syncthreads();
+  if (tid >= cols) return;
+  for (int g = 1; g < groups; ++g) {
+    const float4 o = s_acc[g * cols + tid];
+    acc.x += o.x;
+    acc.y += o.y;
+    acc.z += o.z;
+    acc.w += o.w;
+  }
   const int64_t b = row / (int64_t(p.seqlen_q) * p.num_heads_q);
   const int64_t tok = row / p.num_heads_q % p.seqlen_q;
   const int64_t hq = row % p.num_heads_q;
-  const float* o_part = o_partials(p);
-  const float* lse_part = lse_partials(p, num_splits);
-
-  float m_all = -INFINITY;
-  for (int s = lane; s < num_splits; s += 32) m_all = fmaxf(m_all, lse_part[s * rows + row]);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) m_all = fmaxf(m_all, __shfl_xor_sync(0xffffffffu, m_all, off));
-
-  float l_all = 0.f;
-  for (int s = lane; s < num_splits; s += 32) {
-    const float w = m_all == -INFINITY ? 0.f : expf(lse_part[s * rows + row] - m_all);
-    s_w[warp][s] = w;
-    l_all += w;
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) l_all += __shfl_xor_sync(0xffffffffu, l_all, off);
-  __syncwarp();
-
   const float inv = m_all == -INFINITY ? 0.f : 1.f / l_all;
-  T* out = static_cast<T*>(p.out) + out_offset(p, b, tok, hq);
-  for (int d = lane; d < p.head_dim; d += 32) {
-    float o = 0.f;
-    for (int s = 0; s < num_splits; ++s) o = fmaf(s_w[warp][s], o_part[(s * rows + row) * p.head_dim + d], o);
-    out[d] = from_float<T>(o * inv);
-  }
-  if (lane == 0) p.lse[lse_offset(p, b, tok, hq)] = m_all == -INFINITY ? -INFINITY : m_all + logf(l_all);
+  T* out = static_cast<T*>(p.out) + out_offset(p, b, tok, hq) + 4 * tid;
+  out[0] = from_float<T>(acc.x * inv);
+  out[1] = from_float<T>(acc.y * inv);
+  out[2] = from_float<T>(acc.z * inv);
+  out[3] = from_float<T>(acc.w * inv);
+  if (tid == 0) p.lse[lse_offset(p, b, tok, hq)] = m_all == -INFINITY ? -INFINITY : m_all + logf(l_all);
 }
 
 // 16-byte loads need every row start of q, K and V on a 16-byte boundary.
@@ -130,8 +185,8 @@ cudaError_t launch_combine_as(const DecodeParams& p, int num_splits, cudaStream_
   // Programmatic stream serialization lets this launch start while the split kernel runs (it
   // triggers early; the combine waits in griddepcontrol.wait). Graph capture records it as a
   // programmatic edge.
-  return launch_pdl(decode_combine_kernel<T>, dim3(unsigned(ceil_div(partial_rows(p), int64_t(kCombineWarps)))),
-                    dim3(kCombineWarps * 32), 0, stream, p, num_splits);
+  return launch_pdl(decode_combine_kernel<T>, dim3(unsigned(partial_rows(p))), dim3(kCombineThreads), 0, stream, p,
+                    num_splits);
 }
 
 cudaError_t launch_combine(const DecodeParams& p, int num_splits, cudaStream_t stream) {

@@ -159,7 +159,14 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   // Copies tile i of this warp (keys w_begin + i * tile_stride ..) into ring slot `slot`. Keys past the
   // sequence's visible range are zero-filled (no read) and masked to -inf below, so poisoned or
   // out-of-bounds memory never reaches the math.
-  auto issue = [&](int i, int slot) {
+  // With a page table, the page of a tile's first key is looked up one tile ahead of its copies
+  // (page_of(i + 1) is loaded while tile i - kStages + 2 is computed), so the table read's latency
+  // is not added to every copy's.
+  auto page_of = [&](int i) -> int32_t {
+    if (!paged || i >= n_tiles) return 0;
+    return __ldg(table_row + int(keys.key(w_begin + int64_t(i) * tile_stride)) / p.page_size);
+  };
+  auto issue = [&](int i, int slot, int32_t first_page) {
     const int64_t v0 = w_begin + int64_t(i) * tile_stride;
     const uint32_t k_dst = ptx::smem_u32(warp_smem + slot * Cfg::kStageBytes);
     const uint32_t v_dst = k_dst + Cfg::kTileBytes;
@@ -172,7 +179,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
       const int page_idx = int(j0) / p.page_size;  // 32-bit: cache positions are int32
       row0 = j0 - int64_t(page_idx) * p.page_size;
       contiguous = contiguous && row0 + kTileKeys <= p.page_size;
-      if (contiguous) page = __ldg(table_row + page_idx);
+      if (contiguous) page = first_page;
     }
     if (contiguous) {
       const T* k_src = k_cache + page * p.k_page_stride + (row0 + r0) * p.k_row_stride + k_head_off;
@@ -221,16 +228,18 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_tiles) issue(s, s);
+    if (s < n_tiles) issue(s, s, page_of(s));
     ptx::cp_async_commit();
   }
 
+  int32_t page_ahead = page_of(kStages - 1);
   for (int i = 0; i < n_tiles; ++i) {
     ptx::cp_async_wait<kStages - 2>();  // this lane's copies of tile i have landed ...
     __syncwarp();                       // ... and every lane's; slot (i - 1) % kStages is free again
     {
       const int next = i + kStages - 1;
-      if (next < n_tiles) issue(next, next % kStages);
+      if (next < n_tiles) issue(next, next % kStages, page_ahead);
+      page_ahead = page_of(next + 1);
       ptx::cp_async_commit();  // possibly empty: keeps the group count uniform
     }
     const unsigned char* stage = warp_smem + (i % kStages) * Cfg::kStageBytes;

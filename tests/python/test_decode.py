@@ -379,6 +379,29 @@ def test_decode_cuda_kernels_agree_with_reference(dtype, heads, monkeypatch):
             check_decode(f"decode {name} {lengths} Tq={new_tokens}", out, lse, q, k_cache, v_cache, seqlens, dtype)
 
 
+@pytest.mark.cuda
+@cuda_only()
+@pytest.mark.parametrize("head_dim,dtype", [(32, BF16), (64, FP16), (96, FP32), (128, BF16), (256, BF16)])
+def test_decode_cuda_split_counts(head_dim, dtype, monkeypatch):
+    """The combine kernel at every head dim (its thread layout depends on head_dim / 4) and at split
+    counts from 2 up to the cap, forced with FLUX_DECODE_SPLITS: with 3000 keys at most 12 splits
+    get keys, so most partials are empty (lse -inf, weight 0) and a 5-key sequence has a single one.
+    Three new tokens give rows of several tokens and the causal mask among them."""
+    heads_q, heads_k = 8, 2
+    lengths = [3000, 5, 1201]
+    for new_tokens in (1, 3):
+        seqs, q = multi_token_inputs(lengths, new_tokens, heads_q, heads_k, head_dim, dtype, "cuda")
+        if new_tokens == 1:
+            q = q[:, 0]
+        k_cache, v_cache = contiguous_cache(seqs, max(lengths) + 3, heads_k, head_dim, dtype, "cuda")
+        seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        for splits in (2, 7, 12, 13, 128, 1000):
+            monkeypatch.setenv("FLUX_DECODE_SPLITS", str(splits))
+            out, lse = fa.decode_attention(q, k_cache, v_cache, seqlens)
+            check_decode(f"decode D={head_dim} {dtype} Tq={new_tokens} splits={splits}", out, lse, q, k_cache,
+                         v_cache, seqlens, dtype)
+
+
 # ---- the decode step in a CUDA graph -----------------------------------------------------------
 
 @pytest.mark.cuda

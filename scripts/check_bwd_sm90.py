@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
 import flux_attention as fa  # noqa: E402
 from reference import attention_ref  # noqa: E402
 from utils import assert_within_2x, pack_varlen  # noqa: E402
+from bench.common import time_ms as bench_time_ms  # noqa: E402
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 # FLUX_BWD_CHECK_DEVICE=cpu runs the correctness flow on the CPU kernels (a smoke test of this
@@ -246,24 +247,12 @@ def deterministic_cases():
 
 # ---- timing ----------------------------------------------------------------------------------------
 
-def time_ms(fn, warmup_ms=30.0, rep_ms=150.0, min_reps=5):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    while (time.perf_counter() - t0) * 1e3 < warmup_ms:
-        fn()
-    torch.cuda.synchronize()
-    samples, spent = [], 0.0
-    while spent < rep_ms or len(samples) < min_reps:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        samples.append(a.elapsed_time(b))
-        spent += samples[-1]
-    samples.sort()
-    return samples[len(samples) // 2]
+def time_ms(fn):
+    # bench/common.py's timer: it synchronises after every warmup call. This script's own copy did
+    # not, so its 30 ms warmup queued as many 70-95 ms fwd+bwd calls as the launch queue holds and
+    # the first synchronize waited for all of them: 45 s of silence at 16K / 32K, which the
+    # supervisor took for a hang (2026-12-02 and 2026-12-03 runs).
+    return bench_time_ms(fn, warmup_ms=30.0, rep_ms=150.0, min_reps=5)["median_ms"]
 
 
 HQ, HKV = 32, 8
